@@ -1,0 +1,579 @@
+"""
+Tests for nami.py: the piecewise-flow equations, jumps, samplers, loss and model, checked
+against independent math (closed forms written out here, Monte Carlo, torch's FLOP
+counter), never against nami.py's own output. Run: python -m pytest -q test_nami.py
+Monte Carlo tolerances are stated next to each check (about 4-5 standard errors).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import nami
+from nami import Text
+
+torch.set_num_threads(2)
+
+
+def text(B, T=5, dim=384, pooled=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Text(torch.randn(B, T, dim, generator=g), torch.ones(B, T, dtype=torch.bool),
+                torch.randn(B, pooled, generator=g))
+
+
+def randomised(model, seed=0, std=0.05):
+    """A model with every weight non-zero (zero-init layers would hide most bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def pool2(x):
+    """2x2 average pooling written as a reshape, independent of F.avg_pool2d."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // 2, 2, W // 2, 2).mean((3, 5))
+
+
+# ---------------------------------------------------------------- window boundaries
+
+@pytest.mark.parametrize("ratios, expected", [
+    ((1, 1, 1), [(1, 2 / 3), (0.8, 1 / 3), (0.5, 0)]),                   # the paper's K = 3
+    ((1, 1), [(1, 0.5), (2 / 3, 0)]),                                     # a_start = .5 / 1.5
+    ((1, 1, 1, 1), [(1, .75), (6 / 7, .5), (2 / 3, .25), (0.4, 0)]),       # .25/1.75, .5/1.5, .75/1.25
+    ((2, 1, 1), [(1, 0.5), (2 / 3, 0.25), (0.4, 0)]),                     # non-uniform
+    ((1, 2, 3), [(1, 5 / 6), (1 - (1 / 6) / (11 / 6), 0.5), (1 - 0.5 / 1.5, 0)]),
+    ((5,), [(1, 0)]),                                                     # K = 1: plain flow
+])
+def test_window_bounds(ratios, expected):
+    got = nami.window_bounds(ratios)
+    assert len(got) == len(expected)
+    for (s, e), (s_ref, e_ref) in zip(got, expected):
+        assert s == pytest.approx(s_ref, abs=1e-12) and e == pytest.approx(e_ref, abs=1e-12)
+
+
+def test_window_start_preserves_variance():
+    # Independent derivation of the corrected start: after Up, the low-res noise m is shared
+    # by the 4 pixels of a block. Scaling by c and adding d*detail must give i.i.d. noise of
+    # variance (1-s)^2 with data weight s = c*a. Solve those two equations numerically.
+    for ratios in [(1, 1, 1), (1, 2, 3), (3, 1), (1, 1, 1, 1)]:
+        b = nami.window_bounds(ratios)
+        for k in range(1, len(ratios)):
+            a = 1 - b[k - 1][1]
+            # within-block covariance: c^2 (1-a)^2 * J + d^2 * (I - J/4) * 4/3 ; want (1-ca)^2 I
+            # off-diagonal: c^2 (1-a)^2 - d^2/3 = 0 ; diagonal: c^2 (1-a)^2 + d^2 = (1 - c a)^2
+            # -> 4 c^2 (1-a)^2 = (1 - c a)^2, bisection on c in (0, 1]
+            lo, hi = 1e-9, 1.0
+            for _ in range(200):
+                c = (lo + hi) / 2
+                lo, hi = (c, hi) if 2 * c * (1 - a) < 1 - c * a else (lo, c)
+            assert 1 - b[k][0] == pytest.approx(c * a, abs=1e-9)
+
+
+def test_bad_windows_and_resolution_errors():
+    with pytest.raises(ValueError, match="positive"):
+        nami.window_bounds((1, 0, 1))
+    with pytest.raises(ValueError, match="divisible by patch"):
+        nami.preset("tiny", resolution=36)
+    with pytest.raises(ValueError, match="one ratio per stage"):
+        nami.preset("tiny", windows=(1, 1))
+    with pytest.raises(ValueError, match="unknown preset"):
+        nami.preset("huge")
+
+
+# ---------------------------------------------------------------- Down / Up
+
+def test_down_up():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    assert torch.equal(nami.down(nami.up(x)), x)
+    assert torch.allclose(nami.down(x), pool2(x), atol=1e-6)
+    assert torch.allclose(nami.down(x, 4), pool2(pool2(x)), atol=1e-6)
+    assert torch.equal(nami.up(x)[..., ::2, 1::2], x) and torch.equal(nami.up(x)[..., 1::2, ::2], x)
+    # bilinear resize to exactly half size is the same operator (Pyramid Flow's Down)
+    assert torch.allclose(nami.down(x), F.interpolate(x, scale_factor=0.5, mode="bilinear"), atol=1e-6)
+    n = torch.randn(4000, 1, 16, 16, generator=g)
+    v = (2 * nami.down(n)).var().item()                 # 256k values: std error of var ~0.003
+    assert abs(v - 1) < 0.015
+
+
+def test_block_noise_statistics():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(20000, 1, 8, 8, generator=g)
+    nb = (2 / math.sqrt(3)) * nami.block_detail(z)      # block noise n'
+    blocks = nami.to_blocks(nb).reshape(-1, 4)          # 320k blocks of 4
+    assert blocks.sum(1).abs().max() < 1e-5             # zero sum per block
+    cov = blocks.T @ blocks / len(blocks)
+    ref = torch.full((4, 4), -1 / 3) + torch.eye(4) * (4 / 3)
+    assert (cov - ref).abs().max() < 0.01               # std error ~0.0025
+    # and blocks are independent of each other (neighbouring block, same position)
+    left, right = nb[..., 0::4, 0::4].flatten(), nb[..., 0::4, 2::4].flatten()
+    assert abs((left * right).mean()) < 0.01
+
+
+# ---------------------------------------------------------------- in-window path
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_training_point_path(k):
+    g = torch.Generator().manual_seed(k)
+    s, e = [(1, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)][k - 1]
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    n = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    coarse = pool2(x).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    start = (1 - s) * coarse + s * n
+    end = (1 - e) * x + e * n
+    zeros, ones = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    xt0, sig0, _ = nami.training_point(x, n, (s, e), zeros)
+    xt1, sig1, _ = nami.training_point(x, n, (s, e), ones)
+    assert torch.allclose(xt0, start) and torch.allclose(xt1, end)
+    assert torch.allclose(sig0, torch.full_like(sig0, s)) and torch.allclose(sig1, torch.full_like(sig1, e))
+    r = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
+    xt, sig, target = nami.training_point(x, n, (s, e), r)
+    # target = dx/dsigma, by central finite differences along the path
+    h = 1e-5
+    xp, sp, _ = nami.training_point(x, n, (s, e), r + h)
+    xm, sm, _ = nami.training_point(x, n, (s, e), r - h)
+    fd = (xp - xm) / (sp - sm).view(-1, 1, 1, 1)
+    assert torch.allclose(target, fd, atol=1e-6)
+    # sigma is the true noise level: the coefficient of the noise in x_t ...
+    x2, _, _ = nami.training_point(x, 2 * n, (s, e), r)
+    coef = ((x2 - xt) / n).flatten(1)
+    assert torch.allclose(coef, sig[:, None].expand_as(coef), atol=1e-8)
+    # ... and the data part of a constant image has weight 1 - sigma
+    c = torch.ones_like(x)
+    xc, sc, _ = nami.training_point(c, torch.zeros_like(x), (s, e), r)
+    assert torch.allclose(xc, (1 - sc).view(-1, 1, 1, 1).expand_as(xc))
+
+
+def test_k1_is_plain_rectified_flow():
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    r = torch.tensor([0.2, 0.5, 0.7])
+    xt, sig, target = nami.training_point(x, n, (1.0, 0.0), r)
+    assert torch.allclose(sig, 1 - r)
+    assert torch.allclose(xt, (1 - sig).view(-1, 1, 1, 1) * x + sig.view(-1, 1, 1, 1) * n, atol=1e-6)
+    assert torch.allclose(target, n - x, atol=1e-6)
+
+
+def test_time_sampling_and_shift():
+    g = torch.Generator().manual_seed(0)
+    r = nami.window_time(200000, g)
+    logit = torch.log((1 - r) / r)                       # u = 1 - r is logit-normal(0, 1)
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+    assert nami.time_shift(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
+    assert nami.time_shift(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
+    assert nami.resolution_shift(256) == pytest.approx(math.exp(0.5))
+    assert nami.resolution_shift(4096) == pytest.approx(math.exp(1.15))
+    # a shifted draw is the shift applied to the same logit-normal draw
+    r1 = nami.window_time(1000, torch.Generator().manual_seed(3))
+    r3 = nami.window_time(1000, torch.Generator().manual_seed(3), shift=3.0)
+    u1 = 1 - r1
+    assert torch.allclose(1 - r3, 3 * u1 / (1 + 2 * u1), atol=1e-6)
+
+
+# ---------------------------------------------------------------- jumps
+
+def start_statistics(jump, k, n=6000, seed=0, bounds=None):
+    """Monte Carlo of a jump k-1 -> k from stage k-1's training end point, for ONE fixed
+    data image: returns (mean error, max within-block covariance error, cross-block cov)."""
+    bounds = bounds or nami.window_bounds((1, 1, 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1   # stage-k data
+    x_lo = pool2(x)
+    a = 1 - bounds[k - 2][1]
+    m = torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64)
+    e = a * x_lo + (1 - a) * m                            # stage k-1's training end point
+    z = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    out = jump(e, z)
+    s = bounds[k - 1][0]                                  # stage k's training start noise level
+    mean_ref = (1 - s) * x_lo.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    mean_err = (out.mean(0, keepdim=True) - mean_ref).abs().max().item()
+    noise = out - mean_ref
+    blocks = nami.to_blocks(noise).reshape(-1, 3, 4)      # (n*16, C, 4)
+    cov = torch.einsum("nci,ncj->cij", blocks, blocks) / len(blocks)
+    cov_err = (cov - s * s * torch.eye(4, dtype=torch.float64)).abs().max().item()
+    cross = (noise[..., 0::2, 0::2][..., :, :-1] * noise[..., 0::2, 2::2]).mean().item()
+    return mean_err, cov_err, abs(cross)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_renoise_matches_training_start(k):
+    # 6000 samples x 16 blocks per channel: covariance std error ~ s^2 * 0.004
+    a = 1 - nami.window_bounds((1, 1, 1))[k - 2][1]
+    mean_err, cov_err, cross = start_statistics(lambda e, z: nami.renoise(e, a, z), k)
+    assert mean_err < 0.05                                # mean std error ~ s/sqrt(6000) = 0.012
+    assert cov_err < 0.02 and cross < 0.01
+
+
+def test_plain_upsampling_fails_the_same_test():
+    # the test has teeth: Up(e) without renoising keeps block-correlated noise
+    mean_err, cov_err, _ = start_statistics(lambda e, z: nami.up(e), 2)
+    assert cov_err > 0.1
+
+
+def fitted_bridge(channels=3, ratios=(1, 1, 1), batches=8, seed=0):
+    """A BridgeFlow zeroed, then pre-trained on synthetic data (random smooth images with
+    correlated channels), as train.py does on real data."""
+    bounds = nami.window_bounds(ratios)
+    br = nami.BridgeFlow(channels, bounds)
+    with torch.no_grad():
+        for p in br.parameters():
+            p.zero_()
+    g = torch.Generator().manual_seed(seed)
+    for k in range(2, len(ratios) + 1):
+        def pairs():
+            for _ in range(batches):
+                base = torch.randn(256, 1, 4, 4, generator=g)
+                x = nami.up(nami.up(base)) * torch.tensor([1.0, 0.5, -0.8]).view(1, 3, 1, 1)[:, :channels]
+                x = x + 0.3 * torch.randn(256, channels, 16, 16, generator=g)
+                yield nami.bridge_pairs(nami.down(x, 2 ** (len(ratios) - k)), k, bounds, g)
+        br.fit(k, pairs())
+    return br
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_bridgeflow_after_pretraining_matches_training_start(k):
+    br = fitted_bridge().double()
+    mean_err, cov_err, cross = start_statistics(lambda e, z: br(e, k, z), k)
+    assert mean_err < 0.05 and cov_err < 0.02 and cross < 0.01
+
+
+def test_bridgeflow_fit_recovers_renoise_and_minimises_its_mse():
+    bounds = nami.window_bounds((1, 1, 1))
+    br = fitted_bridge()
+    for k in (2, 3):
+        a = 1 - bounds[k - 2][1]
+        c, s = 1 / (2 - a), bounds[k - 1][0]
+        W = torch.zeros(12, 3)
+        for ch in range(3):
+            W[4 * ch: 4 * ch + 4, ch] = c                   # each cell copied to its block, scaled
+        G = s * torch.block_diag(*[torch.eye(4) - 0.25] * 3)
+        assert (br.W[k - 2] - W).abs().max() < 1e-4
+        assert br.b[k - 2].abs().max() < 1e-4
+        assert (br.G[k - 2] - G).abs().max() < 1e-3
+    # the written-out objective E||T - (W e + b + V xi)||^2 has zero gradient at the fit
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(512, 3, 8, 8, generator=g)
+    e, xi, T = nami.bridge_pairs(x, 3, bounds, g)
+    W = br.W[1].detach().clone().requires_grad_()
+    b = br.b[1].detach().clone().requires_grad_()
+    V = (bounds[2][0] * torch.block_diag(*[torch.eye(4) - 0.25] * 3)).requires_grad_()
+    pred = e.permute(0, 2, 3, 1) @ W.T + b + nami.to_blocks(xi) @ V.T
+    loss = ((nami.to_blocks(T) - pred) ** 2).mean()
+    assert loss.item() < 1e-8
+    loss.backward()
+    assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+
+
+def test_bridgeflow_init_equals_renoise():
+    bounds = nami.window_bounds((1, 1, 1))
+    br = nami.BridgeFlow(3, bounds)
+    g = torch.Generator().manual_seed(0)
+    e, z = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    assert torch.allclose(br(e, 2, z), nami.renoise(e, 1 - bounds[0][1], z), atol=1e-6)
+
+
+def test_bridgeflow_on_model_endpoints_keeps_covariance():
+    # Fit on "model" end points that are biased and noisy (0.8 e + 0.1 + 0.1 eps): the
+    # least-squares mean shrinks, and G must add back exactly the missing variance, so what
+    # BridgeFlow hands stage k keeps the training start's mean and covariance; renoise
+    # applied to the same end points does not.
+    bounds = nami.window_bounds((1, 1))
+    g = torch.Generator().manual_seed(0)
+    br = nami.BridgeFlow(1, bounds)
+
+    def model_pairs(n):
+        x = torch.randn(n, 1, 8, 8, generator=g) * 0.7 + 0.2
+        e, xi, T = nami.bridge_pairs(x, 2, bounds, g)
+        return 0.8 * e + 0.1 + 0.1 * torch.randn(e.shape, generator=g), xi, T
+
+    br.fit(2, (model_pairs(1024) for _ in range(6)))
+    e_hat, xi, T = model_pairs(8000)
+    with torch.no_grad():
+        out = br(e_hat, 2, torch.randn(xi.shape, generator=g))
+    naive = nami.renoise(e_hat, 1 - bounds[0][1], torch.randn(xi.shape, generator=g))
+    cov = lambda y: torch.cov(nami.to_blocks(y).reshape(-1, 4).T)
+    # 128k blocks: covariance std error ~0.005, mean std error ~0.003
+    assert (cov(out) - cov(T)).abs().max() < 0.025 and abs(out.mean() - T.mean()) < 0.015
+    assert (cov(naive) - cov(T)).abs().max() > 0.05 or abs(naive.mean() - T.mean()) > 0.05
+
+
+# ---------------------------------------------------------------- oracle sampling
+
+class Oracle(torch.nn.Module):
+    """The exact velocity field of the piecewise flow for a single data point x*, written
+    from the closed form (independent of nami.training_point): in window (s, e) of stage k
+    the path is x = P(sigma) + sigma n with P(sigma) = (1-r)(1-s) Up(Down x_k) + r (1-e) x_k,
+    r = (s - sigma)/(s - e), so v = dP/dsigma + (x - P(sigma)) / sigma."""
+
+    def __init__(self, cfg, x_star, windows, bridge=None):
+        super().__init__()
+        self.cfg, self.x_star, self.windows, self.bridge = cfg, x_star, windows, bridge
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=x_star.dtype))
+        self.calls = []
+
+    def forward(self, x, sigma, text, stage, depth):
+        self.calls.append((stage, depth, x.shape[-1]))
+        xk = self.x_star
+        for _ in range(self.cfg.K - stage):
+            xk = pool2(xk)
+        U = pool2(xk).repeat_interleave(2, -1).repeat_interleave(2, -2)
+        s, e = self.windows[stage - 1]
+        sg = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        r = (s - sg) / (s - e)
+        P = (1 - r) * (1 - s) * U + r * (1 - e) * xk
+        return ((1 - s) * U - (1 - e) * xk) / (s - e) + (x - P) / sg
+
+
+WINDOWS3 = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]
+
+
+@pytest.mark.parametrize("transition", ["renoise", "bridge"])
+@pytest.mark.parametrize("steps", [(1, 1, 1), (2, 3, 5), (10, 10, 10)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_oracle_sampler_lands_on_the_data_point(transition, steps, shift):
+    cfg = nami.preset("tiny", time_shift=shift)
+    g = torch.Generator().manual_seed(0)
+    x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    oracle = Oracle(cfg, x_star, WINDOWS3, fitted_bridge().double() if transition == "bridge" else None)
+    out, ends = nami.sample(oracle, text(2), steps=steps, transition=transition, generator=g)
+    assert (out - x_star).abs().max() < 1e-4
+    assert [t.shape[-1] for t in ends] == [8, 16, 32]
+    # stage k was evaluated steps[k] times, at its resolution, with its nested depth 2/4/6
+    assert oracle.calls == [(1, 2, 8)] * steps[0] + [(2, 4, 16)] * steps[1] + [(3, 6, 32)] * steps[2]
+
+
+@pytest.mark.parametrize("steps", [1, 7, 30])
+def test_oracle_baseline_sampler(steps):
+    cfg = nami.preset("tiny", baseline=True)
+    g = torch.Generator().manual_seed(1)
+    x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    oracle = Oracle(cfg, x_star, [(1.0, 0.0)])
+    out, ends = nami.sample(oracle, text(2), steps=(steps,), generator=g)
+    assert (out - x_star).abs().max() < 1e-4 and len(ends) == 1
+
+
+# ---------------------------------------------------------------- model
+
+def tiny_model(**kw):
+    cfg = nami.preset("tiny", **{"width": 64, "heads": 2, **kw})
+    torch.manual_seed(0)
+    return randomised(nami.NAMI(cfg))
+
+
+def test_zero_initialised_model_outputs_zeros_at_every_stage_resolution():
+    cfg = nami.preset("tiny", width=64, heads=2)
+    m = nami.NAMI(cfg)
+    for k in (1, 2, 3):
+        r = cfg.stage_resolution(k)
+        out = m(torch.randn(2, 3, r, r), torch.rand(2), text(2), stage=k)
+        assert out.shape == (2, 3, r, r) and out.abs().max() == 0
+
+
+def test_every_stage_outputs_its_resolution_and_depends_on_its_input():
+    m = tiny_model()
+    for k, r in zip((1, 2, 3), (8, 16, 32)):
+        x = torch.randn(2, 3, r, r)
+        out = m(x, torch.rand(2), text(2), stage=k)
+        assert out.shape == (2, 3, r, r) and out.abs().max() > 0
+        assert not torch.allclose(out, m(x + 1, torch.rand(2), text(2), stage=k))
+
+
+def count_block_calls(model, fn):
+    calls = []
+    hooks = [b.register_forward_hook(lambda mod, i, o, j=j: calls.append(j)) for j, b in enumerate(model.blocks)]
+    fn()
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nesting_runs_exactly_the_prefix(nested):
+    m = tiny_model(stage_layers=(2, 1, 3), double=2, nested=nested)   # depth 6
+    expected = {1: 2, 2: 3, 3: 6} if nested else {1: 6, 2: 6, 3: 6}
+    for k, r in zip((1, 2, 3), (8, 16, 32)):
+        calls = count_block_calls(m, lambda: m(torch.randn(1, 3, r, r), torch.rand(1), text(1), stage=k))
+        assert calls == list(range(expected[k]))
+
+
+def test_stages_share_parameters():
+    m = tiny_model()
+    n_params = sum(p.numel() for p in m.parameters())
+    d, hid, C = 64, 256, 3
+    # the stack exists once: 2 double + 4 single blocks, not one copy per stage
+    dbl = 2 * (6 * d * d + 6 * d + 3 * d * d + 3 * d + d * d + d + d * hid + hid + hid * d + d + 2 * (d // 2))
+    sgl = 3 * d * d + 3 * d + d * (3 * d + hid) + 3 * d + hid + (d + hid) * d + d + 2 * (d // 2)
+    assert sum(p.numel() for p in m.blocks.parameters()) == 2 * dbl + 4 * sgl
+    assert n_params < 2 * (2 * dbl + 4 * sgl)
+    # changing a block-0 weight changes every stage's output
+    outs = [m(torch.randn(1, 3, r, r, generator=torch.Generator().manual_seed(r)), torch.full((1,), .5), text(1), stage=k)
+            for k, r in zip((1, 2, 3), (8, 16, 32))]
+    with torch.no_grad():
+        m.blocks[0].img_qkv.weight.add_(0.1)
+    for (k, r), o in zip(zip((1, 2, 3), (8, 16, 32)), outs):
+        o2 = m(torch.randn(1, 3, r, r, generator=torch.Generator().manual_seed(r)), torch.full((1,), .5), text(1), stage=k)
+        assert not torch.allclose(o, o2)
+
+
+def test_padding_tokens_do_not_change_the_output():
+    m = tiny_model()
+    t = text(2, T=4)
+    pad = torch.randn(2, 3, 384) * 10                    # garbage in the padded positions
+    padded = Text(torch.cat([t.tokens, pad], 1), torch.cat([t.mask, torch.zeros(2, 3, dtype=torch.bool)], 1), t.pooled)
+    x, sg = torch.randn(2, 3, 16, 16), torch.rand(2)
+    for k in (1, 2, 3):
+        xs = torch.randn(2, 3, 8 * 2 ** (k - 1), 8 * 2 ** (k - 1))
+        assert torch.allclose(m(xs, sg, t, stage=k), m(xs, sg, padded, stage=k), atol=1e-5)
+    # and the mask matters: without it the garbage does change the output
+    unmasked = padded._replace(mask=None)
+    assert not torch.allclose(m(x, sg, t, stage=2), m(x, sg, unmasked, stage=2), atol=1e-3)
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    m = tiny_model()
+    cond, unc = text(2, T=6, seed=1), text(2, T=2, seed=2)   # different lengths: padding inside cat
+    x, sg = torch.randn(2, 3, 16, 16), torch.rand(2)
+    v1 = nami.guided_velocity(m, x, sg, cond, unc, 1.0, stage=2)
+    assert torch.allclose(v1, m(x, sg, cond, stage=2), atol=1e-5)
+    v3 = nami.guided_velocity(m, x, sg, cond, unc, 3.0, stage=2)
+    vu = m(x, sg, unc, stage=2)
+    assert torch.allclose(v3, vu + 3 * (m(x, sg, cond, stage=2) - vu), atol=1e-4)
+
+
+def test_rope_positions_are_shared_across_stages():
+    # a stage-k token sits at the centre of the final-grid tokens it covers
+    fine = nami.rope_angles(8, 8, 1, 32, 10000.0, "cpu").reshape(8, 8, 16)
+    coarse = nami.rope_angles(4, 4, 2, 32, 10000.0, "cpu").reshape(4, 4, 16)
+    avg = fine.reshape(4, 2, 4, 2, 16).mean((1, 3))      # angles are linear in position
+    assert torch.allclose(coarse, avg, atol=1e-5)
+
+
+def test_sampler_shapes_variants_and_determinism():
+    m = tiny_model()
+    t, u = text(2), text(2, T=2, seed=5)
+    for variant, steps in (("nami", (2, 2, 2)), ("piecewise", (1, 1, 1)), ("baseline", (3,))):
+        out, ends = nami.sample(m, t, u, steps=steps, cfg_scale=2.0, variant=variant,
+                                generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+        again, _ = nami.sample(m, t, u, steps=steps, cfg_scale=2.0, variant=variant,
+                               generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, again)
+    calls = count_block_calls(m, lambda: nami.sample(m, t, steps=(1, 1, 1)))
+    assert calls == [0, 1] + [0, 1, 2, 3] + list(range(6))
+    with pytest.raises(ValueError, match="one count per window"):
+        nami.sample(m, t, steps=(10, 10))
+    with pytest.raises(ValueError, match="divisible"):
+        nami.sample(m, t, resolution=36)
+
+
+# ---------------------------------------------------------------- loss
+
+def test_stage_assignment_ratios_and_native_resolution():
+    g = torch.Generator().manual_seed(0)
+    st = nami.assign_stages(70000, (4, 2, 1), generator=g)
+    freq = torch.bincount(st, minlength=4)[1:].float() / 70000
+    assert torch.allclose(freq, torch.tensor([4 / 7, 2 / 7, 1 / 7]), atol=0.01)
+    native = torch.tensor([1, 2, 3] * 10000)
+    st = nami.assign_stages(30000, (4, 2, 1), native, generator=g)
+    assert (st <= native).all()
+    assert (st[native == 1] == 1).all()
+    f2 = torch.bincount(st[native == 2], minlength=3)[1:].float() / 10000
+    assert torch.allclose(f2, torch.tensor([2 / 3, 1 / 3]), atol=0.02)
+
+
+def test_loss_of_zero_model_on_constant_images():
+    # zero model: loss_k = E[target^2]. For a constant image c: Up(Down x) = x = c, so
+    # target = ((1-s)c - (1-e)c)/(s-e) + n = n - c at every stage: E = 1 + c^2.
+    cfg = nami.preset("tiny", width=64, heads=2)
+    m = nami.NAMI(cfg)
+    x = torch.full((600, 3, 32, 32), 0.5)
+    t = text(600, T=3)
+    total, per = nami.nami_loss(m, x, t, (1, 1, 1), generator=torch.Generator().manual_seed(0))
+    assert set(per) == {1, 2, 3}
+    for k, v in per.items():                             # >= 200 x 192 values per stage
+        assert abs(v.item() - 1.25) < 0.02
+    assert total.item() == pytest.approx(sum(v.item() for v in per.values()))
+    w_total, _ = nami.nami_loss(m, x, t, (1, 1, 1), weights=(2, 0, 1), generator=torch.Generator().manual_seed(0))
+    assert w_total.item() == pytest.approx(2 * per[1].item() + per[3].item())
+
+
+def test_loss_trains_each_stage_with_its_own_depth():
+    m = tiny_model(stage_layers=(2, 2, 2))
+    x, t = torch.randn(8, 3, 32, 32), text(8)
+    total, per = nami.nami_loss(m, x, t, (1, 0, 0), generator=torch.Generator().manual_seed(0))
+    assert set(per) == {1}
+    total.backward()
+    grads = [sum(p.grad.abs().sum().item() for p in b.parameters() if p.grad is not None) for b in m.blocks]
+    assert all(gr > 0 for gr in grads[:2]) and all(gr == 0 for gr in grads[2:])
+    heads = [sum(p.grad.abs().sum().item() for p in h.parameters() if p.grad is not None) for h in m.heads]
+    assert heads[0] > 0 and heads[1] == heads[2] == 0
+
+
+def test_loss_uses_native_resolution_only_downwards():
+    m = nami.NAMI(nami.preset("tiny", width=64, heads=2))
+    seen = []
+    orig = m.forward
+    m.forward = lambda x, sg, t, stage=None, depth=None: (seen.append((stage, len(x))), orig(x, sg, t, stage, depth))[1]
+    native = torch.tensor([1] * 10 + [3] * 10)
+    nami.nami_loss(m, torch.randn(20, 3, 32, 32), text(20), (1, 1, 1), native=native,
+                   generator=torch.Generator().manual_seed(0))
+    # stage-2/3 batches only contain the 10 full-resolution samples
+    assert sum(n for k, n in seen if k > 1) <= 10 and sum(n for _, n in seen) == 20
+
+
+# ---------------------------------------------------------------- built-in checks
+
+def params_formula(cfg):
+    """Parameter count written out per layer (independent of the module code)."""
+    d, hid, pc, Dh = cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.channels * cfg.patch ** 2, cfg.width // cfg.heads
+    lin = lambda i, o: i * o + o
+    stream = lin(d, 6 * d) + lin(d, 3 * d) + lin(d, d) + lin(d, hid) + lin(hid, d) + 2 * Dh
+    single = lin(d, 3 * d) + lin(d, 3 * d + hid) + lin(d + hid, d) + 2 * Dh
+    head = lin(d, 2 * d) + lin(d, pc)
+    emb = lin(pc, d) + lin(cfg.text_dim, d) + lin(256, d) + lin(d, d) + lin(cfg.pooled_dim, d) + lin(d, d)
+    bridge = (cfg.K - 1) * (4 * cfg.channels * cfg.channels + 4 * cfg.channels + 16 * cfg.channels ** 2)
+    return emb + cfg.double * 2 * stream + (cfg.depth - cfg.double) * single + cfg.K * head + bridge
+
+
+@pytest.mark.parametrize("name, nominal", [("tiny", None), ("cifar", None), ("0.6b", 0.6e9), ("2b", 2.0e9)])
+def test_preset_parameter_counts(name, nominal):
+    cfg = nami.preset(name)
+    n = nami.count_params(cfg)
+    assert n == params_formula(cfg)
+    if nominal:
+        assert abs(n / nominal - 1) < 0.10
+    base = nami.count_params(nami.preset(name, baseline=True))
+    assert base < n                                      # baseline: one head, no bridge
+
+
+def test_paper_table1_architectures():
+    for name, w, depth, heads, ratio in (("0.6b", 1536, 12, 12, (5, 4, 3)), ("2b", 2048, 22, 16, (9, 7, 6))):
+        cfg = nami.preset(name)
+        assert (cfg.width, cfg.depth, cfg.heads, cfg.stage_layers) == (w, depth, heads, ratio)
+        assert [cfg.stage_resolution(k) * 8 for k in (1, 2, 3)] == [256, 512, 1024]
+        assert cfg.channels == 16 and cfg.windows == (1, 1, 1)
+
+
+@pytest.mark.parametrize("name, stage, masked", [("tiny", 1, False), ("tiny", 3, True), ("cifar", 2, True), ("2b", 3, False)])
+def test_analytic_flops_match_torch_counter(name, stage, masked):
+    cfg = nami.preset(name)
+    r = cfg.stage_resolution(stage)
+    with torch.device("meta"):
+        m = nami.NAMI(cfg)
+        t = Text(torch.empty(1, cfg.text_len, cfg.text_dim), torch.ones(1, cfg.text_len, dtype=torch.bool) if masked else None,
+                 torch.empty(1, cfg.pooled_dim))
+        with FlopCounterMode(display=False) as fc:
+            m(torch.empty(1, cfg.channels, r, r), torch.empty(1), t, stage=stage)
+    assert nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(stage)) == fc.get_total_flops()
+
+
+def test_2b_flop_reduction_at_1024():
+    cfg = nami.preset("2b")
+    nami_f = nami.sampling_flops(cfg, (10, 10, 10), cfg_scale=4.0)
+    base_f = nami.sampling_flops(cfg, 30, "baseline", cfg_scale=4.0)
+    pw_f = nami.sampling_flops(cfg, (10, 10, 10), "piecewise", cfg_scale=4.0)
+    assert 1 - nami_f / base_f > 0.55 and nami_f < pw_f < base_f

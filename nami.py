@@ -185,12 +185,10 @@ def resolution_shift(tokens):
     return math.exp(0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256))
 
 
-def window_time(n, generator=None, device="cpu", mean=0.0, std=1.0, shift=1.0):
-    """Local time r in (0, 1) (0 = window start, 1 = window end) for n training points.
-    The fraction of the window's noise still left, u = 1 - r, is logit-normal as in SD3
-    (with K = 1 this is exactly SD3's sigma = sigmoid(N(mean, std)))."""
-    u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
-    return 1 - time_shift(u, shift)
+def logit_normal(n, generator=None, device="cpu", mean=0.0, std=1.0):
+    """n draws of sigmoid(N(mean, std)): SD3's training-time distribution. Used for the
+    fraction of a window's noise still left, u = 1 - r, so K = 1 is exactly SD3."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
 def training_point(x, noise, bounds, r):
@@ -373,42 +371,59 @@ class Text(NamedTuple):
 # Loss: multi-resolution joint training (paper Eq. 4 and Algorithm 1).
 
 
-def assign_stages(n, ratios, native=None, generator=None, device="cpu"):
-    """Stage (1..K) of each of n samples, drawn with probabilities proportional to `ratios`
-    (4:2:1 = mostly low resolution). native: (n,) highest stage each sample may serve (its
-    native resolution); a sample is only used at stages <= that (paper Sec. 3.3)."""
+def assign_stages(u, ratios, native=None):
+    """Stage (1..K) of each sample from uniform draws u (n,), with probabilities proportional
+    to `ratios` (4:2:1 = mostly low resolution), by inverse CDF. native: (n,) highest stage
+    each sample may serve (its native resolution): a sample is only used at stages <= that
+    (paper Sec. 3.3), with the ratios renormalised over those stages."""
     K = len(ratios)
-    p = torch.tensor(ratios, dtype=torch.float, device=device).expand(n, K).clone()
+    p = torch.tensor(ratios, dtype=torch.float64, device=u.device).expand(len(u), K).clone()
     if native is not None:
-        p[torch.arange(1, K + 1, device=device) > native.to(device)[:, None]] = 0
+        p[torch.arange(1, K + 1, device=u.device) > native.to(u.device)[:, None]] = 0
         if (p.sum(1) == 0).any():
             raise ValueError("a sample's native stage has zero ratio everywhere at or below it")
-    return torch.multinomial(p, 1, generator=generator).squeeze(1) + 1
+    cdf = p.cumsum(1) / p.sum(1, keepdim=True)
+    return (u.double()[:, None] >= cdf[:, :-1]).sum(1) + 1
 
 
-def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
+def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1),
               time_mean=0.0, time_std=1.0):
-    """Multi-resolution joint loss. x: (B,C,R,R) full-resolution images or latents in model
-    space; text: Text for the batch; ratios: stage sampling ratios; weights: per-stage loss
-    weights (default 1). Each sample trains one stage, at Down(x) of that stage's size, with
-    that stage's nested depth. Returns (weighted total, {stage: mean MSE}) for non-empty stages."""
+    """Multi-resolution joint loss (paper Eq. 4, Algorithm 1).
+
+    x: (B,C,R,R) full-resolution images or latents in model space; text: Text for the batch;
+    ratios: stage sampling ratios; weights: per-stage loss weights (default 1); native: (B,)
+    highest stage each sample may serve. Each sample trains one stage, on Down(x) at that
+    stage's size, through that stage's nested depth:
+        total = (1/B) sum_i w_{k(i)} || v_theta_k(x_i) - target_i ||^2 / (C H W)
+    so the ratios set each stage's share of the gradient and the weights rescale it.
+    shard = (rank, world): x holds samples rank, rank + world, ... of a global batch. The
+    random draws are made for the whole global batch and this shard takes its share, so
+    averaging the ranks' gradients gives exactly the single-process gradient.
+    Returns (total, {stage: mean MSE}, {stage: samples}) for the stages that got samples.
+    """
     cfg, K = model.cfg, model.cfg.K
+    rank, world = shard
+    n, dev = len(x) * world, x.device
+    draw = lambda t: t[rank::world]
+    stage_of = assign_stages(draw(torch.rand(n, generator=generator, device=dev)), ratios, native)
+    u = draw(logit_normal(n, generator, dev, time_mean, time_std))
+    noise = draw(torch.randn((n,) + x.shape[1:], generator=generator, device=dev, dtype=x.dtype))
     bounds = window_bounds(cfg.windows)
-    stage_of = assign_stages(len(x), ratios, native, generator, x.device)
-    total, per_stage = x.new_zeros(()), {}
+    total, per_stage, counts = x.new_zeros(()), {}, {}
     for k in range(1, K + 1):
         idx = (stage_of == k).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
         xk = down(x[idx], 2 ** (K - k))                                   # (b, C, R_k, R_k)
-        noise = torch.randn(xk.shape, generator=generator, device=x.device, dtype=x.dtype)
+        nk = noise[idx][..., : xk.shape[-2], : xk.shape[-1]]              # a crop of i.i.d. noise
         shift = resolution_shift((xk.shape[-1] // cfg.patch) ** 2) if cfg.time_shift else 1.0
-        r = window_time(len(idx), generator, x.device, time_mean, time_std, shift)
-        xt, sigma, target = training_point(xk, noise, bounds[k - 1], r)
+        xt, sigma, target = training_point(xk, nk, bounds[k - 1], 1 - time_shift(u[idx], shift))
         pred = model(xt, sigma, text.select(idx), stage=k)
-        per_stage[k] = F.mse_loss(pred.float(), target.float())
-        total = total + (1.0 if weights is None else weights[k - 1]) * per_stage[k]
-    return total, per_stage
+        mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)   # (b,)
+        w = 1.0 if weights is None else weights[k - 1]
+        total = total + w * mse.sum() / len(x)
+        per_stage[k], counts[k] = mse.detach().mean(), len(idx)
+    return total, per_stage, counts
 
 
 # -----------------------------------------------------------------------------

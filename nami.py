@@ -510,9 +510,10 @@ def timestep_embedding(sigma, dim=256, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
 
 
-def rope_angles(h, w, stride, head_dim, theta, device):
-    """2D RoPE angles for an h x w token grid, (h*w, head_dim/2): half the rotary pairs
-    encode the row, half the column.
+def rope(h, w, stride, head_dim, theta, text_len, device):
+    """2D rotary position embedding for [text; h x w image grid]: unit complex numbers
+    (text_len + h*w, head_dim/2). Half the rotary pairs encode the row, half the column;
+    text tokens get angle 0 (no rotation), as in FLUX.
 
     Decision: positions are measured on the final (stage-K) token grid. A stage-k token
     covers stride = 2^(K-k) final tokens and sits at their centre, i*stride + (stride-1)/2,
@@ -522,21 +523,22 @@ def rope_angles(h, w, stride, head_dim, theta, device):
     freqs = 1.0 / theta ** (torch.arange(q, device=device, dtype=torch.float64) / q)
     rows = torch.arange(h, device=device, dtype=torch.float64) * stride + (stride - 1) / 2
     cols = torch.arange(w, device=device, dtype=torch.float64) * stride + (stride - 1) / 2
-    ang_r = (rows[:, None, None] * freqs).expand(h, w, q)
-    ang_c = (cols[None, :, None] * freqs).expand(h, w, q)
-    return torch.cat([ang_r, ang_c], -1).reshape(h * w, 2 * q).float()
+    ang = torch.cat([(rows[:, None, None] * freqs).expand(h, w, q),
+                     (cols[None, :, None] * freqs).expand(h, w, q)], -1).reshape(h * w, 2 * q)
+    ang = F.pad(ang, (0, 0, text_len, 0)).float()
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs of x (B,H,N,Dh) by the angles behind cos/sin (N, Dh/2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
+def apply_rope(x, rot):
+    """Rotate consecutive pairs of x (..., N, Dh) by rot (N, Dh/2), as complex products."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
-def attention(q, k, v, rope, mask):
-    """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rope: (cos, sin) for
-    all N tokens (text tokens get angle 0); mask: (B,N) bool or None."""
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+def attention(q, k, v, rot, mask):
+    """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rot: rotary factors
+    for all N tokens; mask: (B,N) bool or None."""
+    q, k = apply_rope(torch.stack([q, k]), rot).unbind(0)
     m = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     return out.transpose(1, 2).flatten(2)                  # (B, N, H*Dh)
@@ -578,16 +580,16 @@ class DoubleBlock(nn.Module):
             setattr(self, f"{s}_proj", nn.Linear(d, d))
             setattr(self, f"{s}_mlp", MLP(d, hidden, d))
 
-    def forward(self, img, txt, vec, rope, mask):
+    def forward(self, img, txt, vec, rot, mask):
         im = self.img_mod(F.silu(vec)).chunk(6, -1)
         tm = self.txt_mod(F.silu(vec)).chunk(6, -1)
         qkv = []
         for s, x, m in (("txt", txt, tm), ("img", img, im)):
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[0], m[1])
             q, k, v = getattr(self, f"{s}_qkv")(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-            qkv.append((*getattr(self, f"{s}_norm")(q, k), v))
-        q, k, v = (torch.cat(t, 2) for t in zip(*qkv))   # text first, then image
-        a = attention(q, k, v, rope, mask)
+            qkv.append(torch.stack([*getattr(self, f"{s}_norm")(q, k), v]))
+        q, k, v = torch.cat(qkv, 3)                       # (3, B, H, T + N, Dh): text first, then image
+        a = attention(q, k, v, rot, mask)
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
         for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta)):
@@ -609,14 +611,17 @@ class SingleBlock(nn.Module):
         self.linear2 = nn.Linear(d + self.hidden, d)
         self.norm = QKNorm(d // heads)
 
-    def forward(self, x, vec, rope, mask):
+    def forward(self, x, vec, rot, mask):
         shift, scale, gate = self.mod(F.silu(vec)).chunk(3, -1)
         h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * x.shape[-1], self.hidden], -1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k)
-        a = attention(q, k, v, rope, mask)
-        return x + gate[:, None] * self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], -1))
+        a = attention(q, k, v, rot, mask)
+        # linear2 over [attention, mlp] without materialising the (B, N, 5d) concatenation
+        W, d = self.linear2.weight, x.shape[-1]
+        out = F.linear(a, W[:, :d], self.linear2.bias) + F.linear(F.gelu(mlp, approximate="tanh"), W[:, d:])
+        return x + gate[:, None] * out
 
 
 class Head(nn.Module):
@@ -691,17 +696,15 @@ class NAMI(nn.Module):
         img = self.img_in(x.unflatten(2, (h, p)).unflatten(4, (w, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2))
         txt = self.txt_in(text.tokens.to(img.dtype))                          # (B, T, d)
         vec = self.time_in(timestep_embedding(sigma).to(img.dtype)) + self.vector_in(text.pooled.to(img.dtype))
-        ang = rope_angles(h, w, 2 ** (cfg.K - stage), cfg.width // cfg.heads, cfg.rope_theta, x.device)
-        ang = F.pad(ang, (0, 0, txt.shape[1], 0))                             # text tokens: angle 0
-        rope = (ang.cos(), ang.sin())
+        rot = rope(h, w, 2 ** (cfg.K - stage), cfg.width // cfg.heads, cfg.rope_theta, txt.shape[1], x.device)
         mask = None if text.mask is None else F.pad(text.mask, (0, h * w), value=True)
         run = lambda blk, *a: checkpoint(blk, *a, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*a)
         for blk in self.blocks[: min(depth, cfg.double)]:
-            img, txt = run(blk, img, txt, vec, rope, mask)
+            img, txt = run(blk, img, txt, vec, rot, mask)
         if depth > cfg.double:
             seq = torch.cat([txt, img], 1)                                    # (B, T + N, d)
             for blk in self.blocks[cfg.double: depth]:
-                seq = run(blk, seq, vec, rope, mask)
+                seq = run(blk, seq, vec, rot, mask)
             img = seq[:, txt.shape[1]:]
         out = self.heads[stage - 1](img, vec)                                 # (B, N, C p p)
         return out.unflatten(2, (C, p, p)).unflatten(1, (h, w)).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)

@@ -440,11 +440,23 @@ def test_cfg_scale_one_is_the_conditional_prediction():
 
 
 def test_rope_positions_are_shared_across_stages():
-    # a stage-k token sits at the centre of the final-grid tokens it covers
-    fine = nami.rope_angles(8, 8, 1, 32, 10000.0, "cpu").reshape(8, 8, 16)
-    coarse = nami.rope_angles(4, 4, 2, 32, 10000.0, "cpu").reshape(4, 4, 16)
-    avg = fine.reshape(4, 2, 4, 2, 16).mean((1, 3))      # angles are linear in position
-    assert torch.allclose(coarse, avg, atol=1e-5)
+    # head dim 32: 16 rotary pairs, 8 for the row and 8 for the column, frequencies theta^(-j/8)
+    fine = nami.rope(8, 8, 1, 32, 10000.0, 3, "cpu")           # stage K: stride 1
+    coarse = nami.rope(4, 4, 2, 32, 10000.0, 3, "cpu")         # one stage lower: stride 2
+    assert fine.shape == (3 + 64, 16) and torch.allclose(fine[:3], torch.ones(3, 16, dtype=torch.complex64))
+    freqs = 1.0 / 10000.0 ** (torch.arange(8, dtype=torch.float64) / 8)
+    centre = (torch.arange(4) * 2 + 0.5).double()               # a coarse token covers fine rows 2i, 2i+1
+    c = coarse[3:].reshape(4, 4, 16)
+    assert torch.allclose(c[:, 0, :8], torch.polar(torch.ones(4, 8), (centre[:, None] * freqs).float()), atol=1e-5)
+    assert torch.allclose(c[0, :, 8:], torch.polar(torch.ones(4, 8), (centre[:, None] * freqs).float()), atol=1e-5)
+    f = fine[3:].reshape(8, 8, 16)
+    assert torch.allclose(f[:, 5, :8], torch.polar(torch.ones(8, 8), (torch.arange(8).double()[:, None] * freqs).float()), atol=1e-5)
+    # rotating a pair: (1, 0) at fine row 1, col 0, first pair (frequency 1) -> (cos 1, sin 1)
+    x = torch.zeros(1, 3 + 64, 32)
+    x[0, 3 + 8, 0] = 1.0
+    y = nami.apply_rope(x, fine)
+    assert torch.allclose(y[0, 3 + 8, :2], torch.tensor([math.cos(1.0), math.sin(1.0)]), atol=1e-6)
+    assert torch.allclose(y.norm(), x.norm())                  # rotations keep lengths
 
 
 def test_sampler_shapes_variants_and_determinism():

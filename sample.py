@@ -1,0 +1,226 @@
+"""
+Sample from a trained NAMI run: a PNG grid, one PNG per prompt, the coarse-to-fine stage
+strip (the paper's Figure 3), or the shapes-world evaluation (GenEval-style accuracy).
+
+  python sample.py --ckpt out/tiny --prompt "two red circles" --prompt "a blue square"
+  python sample.py --ckpt out/tiny --prompt "a red circle above a white square" --stages --n 4
+  python sample.py --ckpt out/tiny --prompts-file prompts.txt --out samples/   # 0000.png ... + grid.png
+  python sample.py --ckpt out/tiny --eval              # one JSON line: accuracy per category
+  python sample.py --preset 2b --random-weights ...    # untrained weights: checks the whole path
+
+Steps are per window (`--steps 10,10,10`); `--transition bridge` uses the run's fitted
+BridgeFlow; `--variant piecewise|baseline` runs the same weights without nesting / windows.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import nami
+import shapes
+
+
+def config_from_json(d):
+    """Config from its saved dict (JSON turns tuples into lists)."""
+    names = {f.name for f in fields(nami.Config)}
+    return nami.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}).check()
+
+
+def load(run_dir, device="cpu"):
+    """(model, run metadata) from a train.py output folder; weights via safetensors only."""
+    cfg_path, w_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "model.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(w_path)):
+        raise FileNotFoundError(f"no checkpoint in {run_dir!r}: expected config.json and model.safetensors "
+                                f"written by train.py (train one with: python train.py --out {run_dir})")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    model = nami.NAMI(config_from_json(meta["model"]))
+    model.load_state_dict(load_file(w_path))
+    return model.to(device).eval(), meta
+
+
+def load_encoders(cfg, device="cpu"):
+    """The text encoder (and VAE, for latent presets) named in the config."""
+    enc = data.TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device)
+    if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
+        raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
+                         f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
+    vae = data.VAE(cfg.vae, device=device) if cfg.vae else None
+    return enc, vae
+
+
+def encode_text(enc, captions, device):
+    return nami.Text(*(t.to(device) for t in enc.encode(list(captions))))
+
+
+def to_images(x, vae, size):
+    """Model output (B,C,h,w) -> uint8 (B,size,size,3): VAE decode if latent, then nearest
+    upsampling to `size` so every stage's end point can sit in one grid."""
+    img = vae.decode(x.float()) if vae is not None else x.float()
+    img = nami.up(img, size // img.shape[-1])
+    return data.to_uint8(img)
+
+
+@torch.no_grad()
+def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="renoise", variant="nami",
+             batch_size=64, vae=None, dtype="fp32", resolution=None):
+    """Images for `prompts`: uint8 (N,S,S,3) and, per window, its end point (N,S,S,3)."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    g = torch.Generator(dev).manual_seed(seed)
+    R = resolution or cfg.resolution
+    size = R * (vae.factor if vae is not None else 1)
+    out, ends = [], None
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        text, uncond = encode_text(enc, chunk, dev), encode_text(enc, [""] * len(chunk), dev)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dtype == "bf16"):
+            x, stage_ends = nami.sample(model, text, uncond, steps, cfg_scale, transition, variant, R, g)
+        out.append(to_images(x, vae, size))
+        strips = [to_images(e, vae, size) for e in stage_ends]
+        ends = strips if ends is None else [np.concatenate([a, b]) for a, b in zip(ends, strips)]
+    return np.concatenate(out), ends
+
+
+def grid(images, ncol, scale=1):
+    """uint8 (N,H,W,3) -> one uint8 image, ncol per row, 1 px gaps, upscaled `scale`x."""
+    N, H, W, _ = images.shape
+    nrow = -(-N // ncol)
+    canvas = np.full((nrow * (H + 1) + 1, ncol * (W + 1) + 1, 3), 64, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = im
+    return canvas.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_png(array, path):
+    """Write a PNG atomically (temp file + rename): a crash never leaves half an image."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{i} is empty: one prompt per line, no blank lines "
+                             f"(use --cfg 1 and a real prompt instead of an empty unconditional one)")
+    return [line.strip() for line in lines]
+
+
+def parse_steps(s, K):
+    steps = tuple(int(v) for v in str(s).split(","))
+    if len(steps) == 1 and K > 1:
+        steps = steps * K                                 # "10" = 10 per window
+    if any(v < 1 for v in steps):
+        raise ValueError(f"--steps needs positive counts, got {s}")
+    return steps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="a train.py output folder (config.json + model.safetensors)")
+    p.add_argument("--preset", help="with --random-weights: sample an untrained preset")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompts-file")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", default="10", help="Euler steps per window, e.g. 10,10,10 (one number: each)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transition", choices=["renoise", "bridge"], default=None)
+    p.add_argument("--variant", choices=["nami", "piecewise", "baseline"], default="nami")
+    p.add_argument("--res", type=int, default=None, help="final resolution in model cells (default: the model's)")
+    p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image + grid.png")
+    p.add_argument("--stages", action="store_true", help="add each window's end point, upsampled (coarse to fine)")
+    p.add_argument("--eval", action="store_true", help="score the shapes-world evaluation prompts, print JSON")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--vae", help="override the VAE folder / hub id (latent presets)")
+    p.add_argument("--text-encoder", help="override the text encoder folder / hub id")
+    p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
+    a = p.parse_args(argv)
+
+    torch.set_grad_enabled(False)
+    if a.ckpt:
+        model, meta = load(a.ckpt, a.device)
+    elif a.preset and a.random_weights:
+        overrides = {k: v for k, v in (("vae", a.vae), ("text_encoder", a.text_encoder),
+                                       ("pooled_encoder", a.pooled_encoder)) if v is not None}
+        model, meta = nami.NAMI(nami.preset(a.preset, **overrides)).to(a.device).eval(), {}
+        nami_rand = torch.Generator().manual_seed(a.seed)   # untrained but non-zero exits
+        for m in model.heads:
+            torch.nn.init.normal_(m.linear.weight, std=0.02, generator=nami_rand)
+    else:
+        p.error("pass --ckpt RUN_DIR (or --preset P --random-weights)")
+    cfg = model.cfg
+    if a.text_encoder or a.pooled_encoder or a.vae:
+        cfg.text_encoder = a.text_encoder or cfg.text_encoder
+        cfg.pooled_encoder = a.pooled_encoder or cfg.pooled_encoder
+        cfg.vae = a.vae or cfg.vae
+    steps = parse_steps(a.steps, 1 if a.variant == "baseline" else cfg.K)
+    cfg_scale = a.cfg if a.cfg is not None else meta.get("sample", {}).get("cfg", 1.0)
+    transition = a.transition or meta.get("sample", {}).get("transition", "renoise")
+    enc, vae = load_encoders(cfg, a.device)
+
+    if a.eval:
+        if (cfg.channels, cfg.resolution) != (3, 32):
+            sys.exit("--eval scores the 32x32 shapes world: it needs a pixel-space 32x32 model")
+        prompts = [q for q in shapes.eval_prompts() for _ in range(a.n)]
+        t0 = time.perf_counter()
+        images, _ = generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
+                             a.batch_size, vae, a.dtype)
+        dt = time.perf_counter() - t0
+        result = shapes.evaluate(prompts, images)
+        print(json.dumps({**{c: round(result[c], 4) for c in shapes.CATEGORIES}, "overall": round(result["overall"], 4),
+                          "images_per_s": round(len(prompts) / dt, 2), "n_images": len(prompts), "steps": list(steps),
+                          "cfg": cfg_scale, "transition": transition, "variant": a.variant}))
+        return result
+
+    prompts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+    if not prompts:
+        p.error("give at least one --prompt or a --prompts-file")
+    if any(not q.strip() for q in prompts):
+        p.error("a --prompt is empty")
+    prompts = [q for q in prompts for _ in range(a.n)]
+    images, ends = generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
+                            a.batch_size, vae, a.dtype, a.res)
+    scale = max(1, 128 // images.shape[1])
+    if a.stages:                                          # per image: window ends, then a gap
+        cells = np.stack(ends, 1)                         # (N, K, S, S, 3)
+        sheet, ncol = cells.reshape(-1, *cells.shape[2:]), cells.shape[1]
+    else:
+        sheet, ncol = images, a.n
+    if a.out.lower().endswith(".png"):
+        save_png(grid(sheet, ncol, scale), a.out)
+        written = [a.out]
+    else:
+        os.makedirs(a.out, exist_ok=True)
+        written = []
+        for i, im in enumerate(images):
+            save_png(im, os.path.join(a.out, f"{i:04d}.png"))
+            written.append(os.path.join(a.out, f"{i:04d}.png"))
+        save_png(grid(sheet, ncol, scale), os.path.join(a.out, "grid.png"))
+        written.append(os.path.join(a.out, "grid.png"))
+    with open(os.path.splitext(written[-1])[0] + ".txt", "w") as f:
+        f.write("\n".join(prompts[:: a.n]) + "\n")          # the grid's rows, top to bottom
+    print(f"wrote {len(written)} file(s): {written[-1]} ({len(images)} images, steps {list(steps)}, "
+          f"cfg {cfg_scale}, {transition})")
+    return images
+
+
+if __name__ == "__main__":
+    main()

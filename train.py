@@ -1,0 +1,478 @@
+"""
+Train NAMI (progressive rectified flow transformers) with the paper's multi-resolution joint
+training: every step trains all stages on one batch that mixes resolutions.
+
+  python train.py                                  # tiny preset, built-in shapes world, 2 CPU cores
+  python train.py --preset cifar --data cifar:/data/cifar-10-batches-py
+  python train.py --data /data/my_images           # imagefolder: metadata.jsonl with file_name, text
+  python train.py --preset 2b --dry-run            # parameters, FLOPs per stage, memory per GPU
+  torchrun --nproc_per_node=8 train.py --preset 2b --data '/data/laion/{00000..09999}.tar' --fsdp
+  python train.py --resume out/tiny                # continue a stopped run exactly where it stopped
+
+Output (out/<run>/): config.json, model.safetensors (EMA weights, what sample.py loads),
+state.pt (raw weights + optimizer + step, for --resume; tensors only, loaded weights_only),
+log.jsonl (per-stage losses), samples.png + stages.png (+ .txt with their prompts).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import nami
+import shapes
+from sample import config_from_json, encode_text, generate, grid, load_encoders, save_png
+
+# -----------------------------------------------------------------------------
+# The paper's recipe (Sec. 3.3, 4.2) as data. Phases are fractions of the run: resolution
+# sampling ratios (stage 1:2:3, low to high) and the learning-rate multiplier; the paper
+# trains 120k steps at 4:2:1, 80k at 2:4:1, then 50k at 1:2:4 with the lr halved.
+PHASES = [(0.48, (4, 2, 1), 1.0), (0.80, (2, 4, 1), 1.0), (1.00, (1, 2, 4), 0.5)]
+CAPTION_DROP = 0.1        # captions replaced by "" so one model also gives v(x | no text), for CFG
+LOSS_EMA = 0.99           # smoothing of the per-stage losses behind the dynamic weights
+# Defaults of `python train.py --preset P` (flags override). tiny: tuned for 2 CPU cores.
+TRAIN = {
+    "tiny": dict(steps=2400, batch_size=64, lr=1e-3, warmup=100, ema=0.995, dtype="bf16",
+                 cfg=3.0, sample_steps="10,10,10"),
+    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, warmup=1000, ema=0.9999, dtype="bf16",
+                  cfg=2.0, sample_steps="10,10,10"),
+    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, dtype="bf16",
+                 cfg=4.0, sample_steps="10,10,10"),
+    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, dtype="bf16",
+               cfg=4.0, sample_steps="10,10,10"),
+}
+SHAPES_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
+                  "three white circles", "a magenta triangle and a cyan circle",
+                  "a red square to the left of a blue circle", "a white triangle above a green square"]
+
+
+def phase(progress):
+    """(stage ratios, lr multiplier) at a point of the run (0..1)."""
+    for end, ratios, lr_mult in PHASES:
+        if progress < end:
+            return ratios, lr_mult
+    return PHASES[-1][1], PHASES[-1][2]
+
+
+def dynamic_weights(stage_loss_ema):
+    """Per-stage loss weights w_k = mean_j(L_j) / L_k from smoothed stage losses L_k: every
+    stage is weighted by the inverse of its own loss scale, so the noisiest window (largest
+    irreducible loss) cannot drown the others and all stages progress at comparable relative
+    rates; the mean weight stays ~1. The paper only says the weights are "dynamically
+    adjusted according to the training process"; this is our rule."""
+    L = torch.tensor(stage_loss_ema, dtype=torch.float64)
+    return (L.mean() / L).tolist()
+
+
+# -----------------------------------------------------------------------------
+# Data: every source is a function step -> (x, captions, native stages) for this rank's share
+# of the global batch, a pure function of (seed, step) where the source allows it.
+
+
+def open_data(spec, cfg, batch, seed, rank, world, workers, factor=1):
+    """spec: 'shapes' | 'cifar:PATH' | imagefolder PATH | latent folder PATH | '*.tar' shards.
+    factor: pixels per model cell (the VAE's downsampling for latent presets)."""
+    res = [cfg.stage_resolution(k) * factor for k in range(1, cfg.K + 1)]   # pixels per stage
+    stage_of = lambda native: torch.tensor([sum(r <= n for r in res) for n in native])
+    if spec == "shapes":
+        if (cfg.channels, cfg.resolution) != (3, 32):
+            raise ValueError("the shapes world is 32x32 RGB: use a pixel-space preset (tiny, cifar)")
+
+        def get(step):
+            images, captions = shapes.make_batch(batch, seed, step)
+            return data.to_tensor(images[rank::world]), captions[rank::world], None
+        return get
+    if spec.endswith(".tar") or "{" in spec:              # a stream: resumes at a new shard order
+        stream = iter(_loader(data.WebDataset(spec, res, rank, world, seed), batch // world, workers))
+        return lambda step: _unpack(next(stream), stage_of)
+    if spec.startswith("cifar:"):
+        ds = data.Cifar10(spec[len("cifar:"):])
+        if res[-1] != 32:
+            raise ValueError(f"CIFAR-10 images are 32x32 but the model's final resolution is {res[-1]} px")
+    elif os.path.isdir(spec) and any(f.startswith("latents_") for f in os.listdir(spec)):
+        ds = data.LatentFolder(spec)
+    else:
+        ds = data.ImageFolder(spec, res)
+    n = len(ds)
+    if n < batch:
+        raise ValueError(f"{spec} has {n} samples, fewer than one batch of {batch}: lower --batch-size")
+
+    def indices(step):                                    # epoch-wise permutations of the global batch
+        per_epoch = n // batch
+        perm = np.random.default_rng([seed, step // per_epoch]).permutation(n)
+        i = (step % per_epoch) * batch
+        return perm[i: i + batch][rank::world].tolist()
+
+    state = {"next": None, "it": None}
+
+    def get(step):
+        if state["next"] != step:                         # (re)start the loader at this step
+            state["it"] = iter(_loader(ds, None, workers, (indices(s) for s in range(step, 1 << 62))))
+        state["next"] = step + 1
+        return _unpack(next(state["it"]), stage_of)
+    return get
+
+
+def _loader(ds, batch, workers, batch_sampler=None):
+    collate = lambda items: [it for it in items if it is not None]   # corrupt images: skipped
+    kw = dict(num_workers=workers, collate_fn=collate, persistent_workers=False)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, **kw)
+
+
+def _unpack(items, stage_of):
+    if not items:
+        raise RuntimeError("a whole batch was unreadable: check the dataset (see the skip counts)")
+    xs, captions, native = zip(*items)
+    x = torch.stack([torch.as_tensor(v) for v in xs]) if torch.is_tensor(xs[0]) else data.to_tensor(np.stack(xs))
+    return x, list(captions), stage_of(native)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: each file written to a temp name then renamed, so a crash (or Ctrl-C) at any
+# moment leaves the previous complete file; loaded without unpickling arbitrary objects.
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run, meta, model, ema, opt, step, loss_ema):
+    atomic(os.path.join(run, "state.pt"), lambda p: torch.save(
+        {"step": torch.tensor(step), "model": model.state_dict(), "ema": ema, "optim": opt.state_dict(),
+         "loss_ema": torch.tensor(loss_ema, dtype=torch.float64)}, p))
+    atomic(os.path.join(run, "model.safetensors"), lambda p: save_file(
+        {k: v.contiguous() for k, v in ema.items()}, p))
+    meta["step"] = step
+    atomic(os.path.join(run, "config.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+
+
+def load_checkpoint(run):
+    path = os.path.join(run, "state.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {run}: no state.pt there (a run saves one every --save-every "
+                                f"steps, at the end and on Ctrl-C)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Built-in report: parameters, FLOPs per stage, memory per GPU.
+
+
+def memory_estimate(cfg, micro_batch, ranks, checkpointing, fsdp):
+    """Bytes per GPU, estimated for bf16 mixed precision with AdamW, worst case (all samples
+    at the highest-resolution stage). States: fp32 weights + grads + Adam (2) + EMA = 20 B per
+    parameter, divided by the ranks under FSDP. Activations (bf16, flash attention): about
+    34 * N * d bytes per layer per sample (Korthikanti et al., 2022) or, with activation
+    checkpointing, 2 * N * d per layer (its input) plus one layer's worth in recompute."""
+    P = nami.count_params(cfg)
+    N = (cfg.resolution // cfg.patch) ** 2 + cfg.text_len
+    states = 20 * P / (ranks if fsdp else 1)
+    per_layer = 34 * N * cfg.width
+    acts = micro_batch * (cfg.depth * 2 * N * cfg.width + per_layer if checkpointing else cfg.depth * per_layer)
+    return states, acts
+
+
+def dry_run(cfg, a, ranks):
+    P = nami.count_params(cfg)
+    print(f"params: {P / 1e9:.2f}B" if P > 1e9 else f"params: {P / 1e6:.2f}M")
+    print(f"stages: {cfg.K}, layers {':'.join(map(str, cfg.stage_layers))} of {cfg.depth} "
+          f"({cfg.double} double-stream first), windows {nami.window_bounds(cfg.windows)}")
+    for k in range(1, cfg.K + 1):
+        r = cfg.stage_resolution(k)
+        f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))
+        print(f"  stage {k}: {r}x{r} cells, {(r // cfg.patch) ** 2} image tokens, {cfg.stage_depth(k)} blocks: "
+              f"{f / 1e9:,.1f} GFLOP forward, {3 * f / 1e9:,.1f} GFLOP train step per image")
+    steps = tuple(int(s) for s in a.sample_steps.split(","))
+    nf = nami.sampling_flops(cfg, steps, cfg_scale=a.cfg)
+    bf = nami.sampling_flops(cfg, sum(steps), "baseline", cfg_scale=a.cfg)
+    print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
+          f"{bf / 1e12:.2f} TFLOP per image (-{100 * (1 - nf / bf):.1f}%)")
+    micro = max(1, a.batch_size // (ranks * a.grad_accum))
+    states, acts = memory_estimate(cfg, micro, ranks, a.checkpointing, a.fsdp)
+    print(f"memory per GPU (estimate, {ranks} rank(s), micro-batch {micro}, "
+          f"{'FSDP' if a.fsdp else 'replicated'}, checkpointing {'on' if a.checkpointing else 'off'}): "
+          f"{(states + acts) / 2 ** 30:.1f} GiB = {states / 2 ** 30:.1f} states + {acts / 2 ** 30:.1f} activations")
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(nami.PRESETS))
+    p.add_argument("--data", default="shapes", help="shapes | cifar:PATH | imagefolder PATH | latents PATH | 'shards/{0000..0099}.tar'")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--minutes", type=float, help="train for this wall-clock budget instead of --steps (ablations)")
+    p.add_argument("--batch-size", type=int, help="global batch, over all ranks and accumulation")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--ema", type=float)
+    p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
+    p.add_argument("--out", default="out", help="runs are written to OUT/RUN")
+    p.add_argument("--run", help="run name (default: the preset)")
+    p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--stop-at", type=int, help="stop (and save) at this step, to be resumed later")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--dry-run", action="store_true", help="report parameters, FLOPs and memory, then exit")
+    p.add_argument("--ranks", type=int, help="with --dry-run: ranks to estimate memory for")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (torchrun), bf16 mixed precision")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (folder data)")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10)
+    # model variants (ablations): same code, different config
+    p.add_argument("--baseline", action="store_true", help="uniform FLUX-style baseline: K = 1, full depth")
+    p.add_argument("--no-nested", action="store_true", help="piecewise flow only: all blocks at every stage")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model Config field, e.g. --set stage_layers=1:1:4 --set windows=2:1:1 --set width=384")
+    # what the end-of-run samples use
+    p.add_argument("--transition", choices=["renoise", "bridge"], default="renoise",
+                   help="bridge: fit BridgeFlow on the model's own stage end points after training")
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--sample-steps")
+    return p.parse_args(argv)
+
+
+def settle_args(a):
+    """Fill unset flags: from the run being resumed (its own settings), else the preset's
+    defaults. --stop-at never carries over."""
+    given = {k: v for k, v in vars(a).items() if v not in (None, False)}
+    if a.resume:
+        path = os.path.join(a.resume, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {a.resume}: no config.json there (not a train.py run folder)")
+        with open(path) as f:
+            meta = json.load(f)
+        a = argparse.Namespace(**{**meta["args"], "stop_at": None, **given})
+        return a, meta
+    for k, v in TRAIN[a.preset].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a, None
+
+
+def step_seed(*parts):
+    """One 62-bit seed per (seed, step, micro-batch, purpose): a resumed run redraws exactly."""
+    return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little") >> 2
+
+
+def build_config(a):
+    """The preset, with --set overrides (a:b:c = tuple, true/false = bool) and the variants."""
+    default = nami.Config()
+    kw = {"nested": False} if a.no_nested else {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if not hasattr(default, key) or key in ("K", "depth"):
+            raise ValueError(f"--set {item}: no Config field {key!r}; fields: "
+                             f"{', '.join(f.name for f in fields(nami.Config))}")
+        kind = type(getattr(default, key))
+        kw[key] = (tuple((float if "." in v else int)(v) for v in value.split(":")) if kind is tuple else
+                   value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    return nami.preset(a.preset, baseline=a.baseline, **kw)
+
+
+def main(argv=None):
+    a, meta = settle_args(parse_args(argv))
+    cfg = config_from_json(meta["model"]) if meta else build_config(a)
+
+    distributed = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if a.dry_run:
+        return dry_run(cfg, a, a.ranks or world)
+    if distributed:
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        if a.device.startswith("cuda"):
+            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(a.device)
+    if a.batch_size % (world * a.grad_accum):
+        raise ValueError(f"--batch-size {a.batch_size} must divide by ranks x --grad-accum = {world * a.grad_accum}")
+    master, dev = rank == 0, torch.device(a.device)
+    run = a.resume or os.path.join(a.out, a.run or a.preset)
+    torch.manual_seed(a.seed)                              # same initial weights on every rank
+
+    model = nami.NAMI(cfg).to(dev)
+    model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
+    model.grad_checkpointing = a.checkpointing
+    enc, vae = load_encoders(cfg, a.device)
+    get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers,
+                          vae.factor if vae else 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
+                            weight_decay=0.0, fused=dev.type == "cuda")
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    start, loss_ema = 0, [1.0] * cfg.K
+    if a.resume:
+        st = load_checkpoint(run)
+        model.load_state_dict(st["model"])
+        ema = {k: v.to(dev) for k, v in st["ema"].items()}
+        opt.load_state_dict(st["optim"])
+        start, loss_ema = int(st["step"]), st["loss_ema"].tolist()
+    train_model = model
+    if a.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for blk in model.blocks:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    elif distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        train_model.cfg = cfg
+    meta = meta or {"preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
+                    "vae": cfg.vae, "args": vars(a),
+                    "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
+    if master:
+        os.makedirs(run, exist_ok=True)
+        print(f"run {run}: {nami.count_params(cfg) / 1e6:.2f}M parameters, stages "
+              f"{[cfg.stage_resolution(k) for k in range(1, cfg.K + 1)]}, layers {cfg.stage_layers}, "
+              f"{world} rank(s), batch {a.batch_size}, {a.dtype}")
+
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))   # Ctrl-C: finish the step, save
+    budget = 60 * a.minutes if a.minutes else None
+    total = a.steps if budget is None else 1 << 62
+    t0, seen, logf = time.time(), 0, open(os.path.join(run, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=None if budget else total, initial=start, disable=not master, dynamic_ncols=True)
+    step = start
+    while step < total and not stop["now"] and step != a.stop_at:
+        progress = (time.time() - t0) / budget if budget else step / total
+        if progress >= 1:
+            break
+        ratios, lr_mult = phase(progress)
+        lr = a.lr * lr_mult * min(1.0, (step + 1) / a.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
+        stage_sum, stage_n = torch.zeros(cfg.K, dtype=torch.float64), torch.zeros(cfg.K, dtype=torch.float64)
+        for micro in range(a.grad_accum):
+            g = torch.Generator(dev).manual_seed(step_seed(a.seed, step, micro, 0))
+            x, captions, native = get_batch(step * a.grad_accum + micro)
+            drop = torch.rand(len(captions) * world, generator=torch.Generator().manual_seed(step_seed(a.seed, step, micro, 1)))
+            captions = ["" if d < CAPTION_DROP else c for c, d in zip(captions, drop[rank::world])]
+            text = encode_text(enc, captions, dev)
+            x = x.to(dev) if vae is None else vae.encode(x.to(dev))
+            sync = micro == a.grad_accum - 1
+            ctx = train_model.no_sync() if (distributed and not a.fsdp and not sync) else contextlib.nullcontext()
+            if a.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" and not a.fsdp):
+                loss, per, counts = nami.nami_loss(train_model, x, text, ratios, weights,
+                                                   None if native is None else native.to(dev), g, (rank, world))
+                (loss / a.grad_accum).backward()
+            for k in per:
+                stage_sum[k - 1] += per[k].item() * counts[k]
+                stage_n[k - 1] += counts[k]
+        if distributed:                                   # every rank uses the same loss weights
+            both = torch.cat([stage_sum, stage_n]).to(dev)
+            dist.all_reduce(both)
+            stage_sum, stage_n = both.cpu().double().chunk(2)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():                             # EMA weights, warmed up over early steps
+            decay = min(a.ema, (1 + step) / (10 + step))
+            for k, v in model.state_dict().items():
+                ema[k].lerp_(v.float(), 1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        for k in range(cfg.K):
+            if stage_n[k] > 0:
+                mean = float(stage_sum[k] / stage_n[k])
+                loss_ema[k] = mean if step == 0 else LOSS_EMA * loss_ema[k] + (1 - LOSS_EMA) * mean
+        step += 1
+        seen += a.batch_size
+        if master:
+            ips = seen / (time.time() - t0)
+            bar.update(1)
+            bar.set_postfix({**{f"L{k + 1}": f"{loss_ema[k]:.3f}" for k in range(cfg.K)}, "img/s": f"{ips:.0f}"})
+            if step % a.log_every == 0:
+                logf.write(json.dumps({"step": step, "lr": lr, "ratios": ratios, "weights": weights,
+                                       "stage_loss": loss_ema, "img_per_s": round(ips, 1),
+                                       "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                logf.flush()
+            if step % a.save_every == 0:
+                save_checkpoint(run, meta, model, ema, opt, step, loss_ema)
+    bar.close()
+
+    finished = not stop["now"] and step != a.stop_at
+    if master:
+        if finished and a.transition == "bridge":
+            fit_bridge(model, ema, get_batch, cfg, a, dev, enc, vae, step)
+        save_checkpoint(run, meta, model, ema, opt, step, loss_ema)
+        print(f"{'finished' if finished else 'stopped'} at step {step} after {(time.time() - t0) / 60:.1f} min; "
+              f"saved {run}" + ("" if finished else f" (continue with: python train.py --resume {run})"))
+        if finished:
+            sample_grid(cfg, ema, a, enc, vae, run)
+    if distributed:
+        dist.destroy_process_group()
+    return run
+
+
+def ema_model(cfg, ema, dev):
+    m = nami.NAMI(cfg).to(dev).eval()
+    m.load_state_dict(ema)
+    return m
+
+
+def fit_bridge(model, ema, get_batch, cfg, a, dev, enc, vae, step, batches=8):
+    """BridgeFlow pre-training: fit each jump on the EMA model's own end points of the
+    previous window (sampled from training starts of real data), then store it in the EMA."""
+    m = ema_model(cfg, ema, dev)
+    bounds, steps = nami.window_bounds(cfg.windows), tuple(int(s) for s in a.sample_steps.split(","))
+    g = torch.Generator(dev).manual_seed(a.seed + 1)
+
+    def stage_end(start, k):                              # run window k of the sampler from `start`
+        s, e = bounds[k - 1]
+        sig = torch.linspace(s, e, steps[k - 1] + 1).tolist()
+        x, text = start, stage_end.text
+        for s0, s1 in zip(sig[:-1], sig[1:]):
+            x = x + (s1 - s0) * m(x, torch.full((len(x),), s0, device=dev), text, stage=k)
+        return x
+
+    with torch.no_grad():
+        for k in range(2, cfg.K + 1):
+            def pairs():
+                for i in range(batches):
+                    x, captions, _ = get_batch(step + i)
+                    x = x.to(dev) if vae is None else vae.encode(x.to(dev))
+                    stage_end.text = encode_text(enc, captions, dev)
+                    yield nami.bridge_pairs(nami.down(x, 2 ** (cfg.K - k)), k, bounds, g, stage_end)
+            mse = m.bridge.fit(k, pairs())
+            print(f"BridgeFlow jump {k - 1}->{k}: fitted on {batches} batches of model end points, MSE {mse:.4f}")
+    for k, v in m.state_dict().items():
+        if k.startswith("bridge."):
+            ema[k].copy_(v)
+
+
+def sample_grid(cfg, ema, a, enc, vae, run):
+    """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
+    m = ema_model(cfg, ema, a.device)
+    prompts = SHAPES_PROMPTS if a.data == "shapes" else ["a photo"] * 8
+    steps = tuple(int(s) for s in a.sample_steps.split(","))
+    images, ends = generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
+                            a.transition, "nami", 64, vae, a.dtype)
+    scale = max(1, 96 // images.shape[1])
+    save_png(grid(images, 4, scale), os.path.join(run, "samples.png"))
+    strip = np.stack([e[::4] for e in ends], 1)           # first sample of each prompt, per window
+    save_png(grid(strip.reshape(-1, *strip.shape[2:]), cfg.K, scale), os.path.join(run, "stages.png"))
+    for name in ("samples", "stages"):
+        with open(os.path.join(run, f"{name}.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+    print(f"wrote {run}/samples.png and {run}/stages.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -367,7 +367,7 @@ class TextEncoder:
     paper (mT5 tokens + CLIP pooled). id is 'A' or 'A+B' and TextEncoder(id) rebuilds it."""
 
     def __init__(self, name_or_path="all-MiniLM-L6-v2", pooled_from=None, max_length=77, device="cpu",
-                 cache_size=100_000):
+                 cache_size=0):
         name_or_path, pooled_from = str(name_or_path), pooled_from or None  # "" = no second model
         if pooled_from is None and "+" in name_or_path and not os.path.exists(name_or_path):
             name_or_path, pooled_from = name_or_path.split("+", 1)
@@ -408,16 +408,18 @@ class TextEncoder:
         captions = list(captions)
         todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
         fresh = {}
-        if todo:
-            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, todo)
+        # With a cache, misses are encoded one caption at a time: padding changes float rounding,
+        # so an entry must not depend on which batch it first came in (bit-exact resume).
+        for group in ([[c] for c in todo] if self.cache_size > 0 else [todo] if todo else []):
+            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, group)
             if self.pooler:
-                pooled = self._run(*self.pooler, todo)[2]
-            fresh = {c: (h[i][m[i]], pooled[i]) for i, c in enumerate(todo)}
-            for c, v in fresh.items():
-                if len(self.cache) >= self.cache_size > 0:  # bounded: big data rarely repeats captions
-                    self.cache.pop(next(iter(self.cache)))  # oldest first
-                if self.cache_size > 0:
-                    self.cache[c] = v
+                pooled = self._run(*self.pooler, group)[2]
+            fresh.update({c: (h[i][m[i]], pooled[i]) for i, c in enumerate(group)})
+        for c, v in fresh.items():
+            if len(self.cache) >= self.cache_size > 0:  # bounded: big data rarely repeats captions
+                self.cache.pop(next(iter(self.cache)))  # oldest first
+            if self.cache_size > 0:
+                self.cache[c] = v
         entries = [fresh[c] if c in fresh else self.cache[c] for c in captions]
         T = max(len(e[0]) for e in entries)
         tokens = torch.zeros(len(captions), T, self.dim, device=self.device)  # (B, T, D)

@@ -47,9 +47,10 @@ def load(run_dir, device="cpu"):
     return model.to(device).eval(), meta
 
 
-def load_encoders(cfg, device="cpu"):
+def load_encoders(cfg, device="cpu", cache_size=0):
     """The text encoder (and VAE, for latent presets) named in the config."""
-    enc = data.TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device)
+    enc = data.TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device,
+                           cache_size=cache_size)
     if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
         raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
                          f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
@@ -154,7 +155,6 @@ def main(argv=None):
     p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
     a = p.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     if a.ckpt:
         model, meta = load(a.ckpt, a.device)
     elif a.preset and a.random_weights:

@@ -345,17 +345,22 @@ def test_text_encoder_truncates(tiny_encoders):
 
 
 def test_text_encoder_cache_is_exact_and_skips_the_model(tiny_encoders):
-    enc = data.TextEncoder(tiny_encoders["t5"])
+    enc = data.TextEncoder(tiny_encoders["t5"], cache_size=100)
     calls = []
     enc.model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
     first = enc.encode(CAPS[:2])
     again = enc.encode(CAPS[:2])
-    assert calls == [2] and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert calls == [1, 1] and all(torch.equal(a, b) for a, b in zip(first, again))
     mixed = enc.encode([CAPS[1], CAPS[3], CAPS[1]])  # only the new caption runs, once
-    assert calls == [2, 1]
+    assert calls == [1, 1, 1]
     fresh = data.TextEncoder(tiny_encoders["t5"], cache_size=0).encode([CAPS[1], CAPS[3], CAPS[1]])
-    assert all(torch.equal(a, b) for a, b in zip(mixed, fresh))
+    assert all(torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+               for a, b in zip(mixed, fresh))
+    # an entry does not depend on the batch it first arrived in (what bit-exact resume needs)
+    other = data.TextEncoder(tiny_encoders["t5"], cache_size=100)
+    other.encode([CAPS[3], CAPS[1], CAPS[0]])
+    assert torch.equal(other.cache[CAPS[1]][0], enc.cache[CAPS[1]][0])
     small = data.TextEncoder(tiny_encoders["t5"], cache_size=2)
     small.encode(CAPS)
     assert list(small.cache) == CAPS[2:]  # bounded, oldest entries dropped first

@@ -124,17 +124,21 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, factor=1):
 
 
 def _loader(ds, batch, workers, batch_sampler=None):
-    collate = lambda items: [it for it in items if it is not None]   # corrupt images: skipped
-    kw = dict(num_workers=workers, collate_fn=collate, persistent_workers=False)
+    kw = dict(num_workers=workers, collate_fn=list, persistent_workers=False)
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
     return torch.utils.data.DataLoader(ds, batch_size=batch, **kw)
 
 
+SKIPPED = {"n": 0}                                        # unreadable images, counted here (any worker)
+
+
 def _unpack(items, stage_of):
-    if not items:
-        raise RuntimeError("a whole batch was unreadable: check the dataset (see the skip counts)")
-    xs, captions, native = zip(*items)
+    good = [it for it in items if it is not None]         # corrupt images come back as None: skipped
+    SKIPPED["n"] += len(items) - len(good)
+    if not good:
+        raise RuntimeError("a whole batch was unreadable: check the dataset's images")
+    xs, captions, native = zip(*good)
     x = torch.stack([torch.as_tensor(v) for v in xs]) if torch.is_tensor(xs[0]) else data.to_tensor(np.stack(xs))
     return x, list(captions), stage_of(native)
 
@@ -257,7 +261,8 @@ def settle_args(a):
     if a.resume:
         path = os.path.join(a.resume, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {a.resume}: no config.json there (not a train.py run folder)")
+            raise FileNotFoundError(f"--resume {a.resume}: not a train.py run folder (expected config.json "
+                                    f"and state.pt; a run saves them every --save-every steps and on Ctrl-C)")
         with open(path) as f:
             meta = json.load(f)
         a = argparse.Namespace(**{**meta["args"], "stop_at": None, **given})
@@ -310,7 +315,8 @@ def main(argv=None):
     model = nami.NAMI(cfg).to(dev)
     model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
     model.grad_checkpointing = a.checkpointing
-    enc, vae = load_encoders(cfg, a.device)
+    # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
+    enc, vae = load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers,
                           vae.factor if vae else 1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
@@ -406,6 +412,8 @@ def main(argv=None):
             if step % a.save_every == 0:
                 save_checkpoint(run, meta, model, ema, opt, step, loss_ema)
     bar.close()
+    if master and SKIPPED["n"]:
+        print(f"skipped {SKIPPED['n']} unreadable image(s) (corrupt or too small); training went on without them")
 
     finished = not stop["now"] and step != a.stop_at
     if master:

@@ -1,0 +1,173 @@
+"""
+End-to-end tests of train.py and sample.py on a miniature model (width 32): bit-exact
+resume, Ctrl-C, atomic and pickle-free checkpoints, the files a run writes, clear errors
+for bad input. Run: python -m pytest -q test_train.py
+"""
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MINI = ["--set", "width=32", "--set", "heads=2", "--batch-size", "8", "--dtype", "fp32", "--workers", "0",
+        "--log-every", "1", "--sample-steps", "1,1,1", "--warmup", "2"]
+
+
+def state(run):
+    return torch.load(os.path.join(run, "state.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One run of 6 steps straight, and one stopped at step 3 then resumed to 6."""
+    out = str(tmp_path_factory.mktemp("runs"))
+    straight = train.main(MINI + ["--out", out, "--run", "straight", "--steps", "6"])
+    halves = train.main(MINI + ["--out", out, "--run", "halves", "--steps", "6", "--stop-at", "3"])
+    stopped = state(halves)
+    train.main(["--resume", halves])
+    return straight, halves, stopped
+
+
+def test_resume_continues_bit_for_bit(runs):
+    straight, halves, stopped = runs
+    assert int(stopped["step"]) == 3
+    a, b = state(straight), state(halves)
+    assert int(a["step"]) == int(b["step"]) == 6
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    sa, sb = a["optim"]["state"], b["optim"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert torch.equal(a["loss_ema"], b["loss_ema"])
+    # and training did something: the stopped run's weights differ from the finished ones
+    assert not all(torch.equal(stopped["model"][k], a["model"][k]) for k in a["model"])
+
+
+def test_run_folder_contents(runs):
+    straight = runs[0]
+    for f in ("config.json", "model.safetensors", "state.pt", "log.jsonl", "samples.png", "stages.png", "samples.txt"):
+        assert os.path.isfile(os.path.join(straight, f)), f
+    meta = json.load(open(os.path.join(straight, "config.json")))
+    assert meta["preset"] == "tiny" and meta["data"] == "shapes" and meta["text_encoder"] == "all-MiniLM-L6-v2"
+    assert meta["model"]["stage_layers"] == [2, 2, 2] and meta["step"] == 6
+    log = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(len(r["stage_loss"]) == 3 for r in log)
+    # model.safetensors holds the EMA weights, which sample.load restores exactly
+    model, _ = sample.load(straight)
+    ema = state(straight)["ema"]
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    grid = np.asarray(Image.open(os.path.join(straight, "stages.png")))
+    assert grid.shape[0] > grid.shape[1]                # 8 prompts down, 3 windows across
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "state.pt", "wb") as f:
+        pickle.dump({"step": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        train.load_checkpoint(str(run))
+    assert not (tmp_path / "owned").exists()
+
+
+def test_atomic_write_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    train.atomic(path, lambda p: open(p, "w").write("old"))
+
+    def crash(p):
+        open(p, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        train.atomic(path, crash)
+    assert open(path).read() == "old"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    cmd = [sys.executable, "train.py", *MINI, "--out", str(tmp_path), "--run", "c", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "c" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "train.py --resume" in out
+    step = int(state(str(tmp_path / "c"))["step"])
+    assert step >= 2 and json.load(open(tmp_path / "c" / "config.json"))["step"] == step
+
+
+def test_sample_cli_writes_one_png_per_prompt_and_a_grid(runs, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle above a white circle\n")
+    out = tmp_path / "imgs"
+    sample.main(["--ckpt", runs[0], "--prompts-file", str(prompts), "--out", str(out), "--steps", "1,1,1", "--stages"])
+    names = sorted(os.listdir(out))
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
+    assert Image.open(out / "0000.png").size == (32, 32)
+    assert (out / "grid.txt").read_text().splitlines() == prompts.read_text().splitlines()
+
+
+def test_sample_eval_prints_scores(runs, capsys):
+    result = sample.main(["--ckpt", runs[0], "--eval", "--steps", "1,1,1", "--batch-size", "128"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("single", "counting", "two_objects", "position", "attribution", "overall", "images_per_s"):
+        assert key in line
+    assert 0 <= line["overall"] <= 1 and line["n_images"] == len(sample.shapes.eval_prompts())
+    assert line["overall"] == pytest.approx(result["overall"], abs=1e-4)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, runs):
+    with pytest.raises(FileNotFoundError, match="train.py"):
+        sample.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "a red circle"])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("a red circle\n\ntwo blue squares\n")
+    with pytest.raises(ValueError, match=r"blank.txt:2 is empty"):
+        sample.main(["--ckpt", runs[0], "--prompts-file", str(blank)])
+    with pytest.raises(ValueError, match="divisible by patch"):
+        train.main(MINI + ["--out", str(tmp_path), "--set", "resolution=36", "--steps", "1"])
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        train.main(MINI + ["--out", str(tmp_path), "--data", str(tmp_path), "--steps", "1"])
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        train.main(["--resume", runs[0] + "_missing"])
+    with pytest.raises(ValueError, match="no Config field"):
+        train.main(MINI + ["--set", "depthh=3"])
+
+
+def test_image_folder_with_a_corrupt_image_trains(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture {i}"})
+    (folder / "3.png").write_bytes(b"\x89PNG not really")         # corrupt
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = train.main(MINI + ["--out", str(tmp_path), "--run", "folder", "--data", str(folder), "--steps", "3"])
+    assert int(state(run)["step"]) == 3
+    assert re.search(r"skipped [12] unreadable", capsys.readouterr().out)  # index 3 is drawn at steps 0 and 1
+
+
+def test_dry_run_reports_2b(capsys):
+    train.main(["--preset", "2b", "--dry-run", "--batch-size", "8", "--ranks", "8", "--fsdp", "--checkpointing"])
+    out = capsys.readouterr().out
+    assert "params: 2.04B" in out
+    assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out

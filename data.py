@@ -344,7 +344,7 @@ def _hf_load(loader, name, what, hint, **kw):
 TEXT_HINT = ("a folder written by save_pretrained (config.json, weights, tokenizer files), a hub id "
              "(downloaded unless HF_HUB_OFFLINE=1), or 'all-MiniLM-L6-v2' (bundled, works offline)")
 VAE_HINT = ("a folder written by AutoencoderKL.save_pretrained (or a pipeline folder with vae/), "
-            "or a hub id (downloaded unless HF_HUB_OFFLINE=1)")
+            "or a hub id such as black-forest-labs/FLUX.1-schnell/vae (downloaded unless HF_HUB_OFFLINE=1)")
 
 def _load_text_model(name_or_path, device):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -399,6 +399,18 @@ class TextEncoder:
             pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
         return h, m, pooled
 
+    @torch.no_grad()
+    def warm(self, captions, batch_size=256):
+        """Fill the cache with `captions`, encoded in fixed batches of this list (a pure function
+        of the list, so every run that warms with it gets identical embeddings)."""
+        captions = list(dict.fromkeys(captions))
+        for i in range(0, len(captions), batch_size):
+            group = captions[i:i + batch_size]
+            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, group)
+            if self.pooler:
+                pooled = self._run(*self.pooler, group)[2]
+            self.cache.update({c: (h[j][m[j]], pooled[j]) for j, c in enumerate(group)})
+
     @torch.no_grad()  # not inference_mode: its tensors can't be saved for backward by the model
     def encode(self, captions):
         """list[str] -> tokens (B, T, D) float32, mask (B, T) bool, pooled (B, P) float32.
@@ -439,10 +451,11 @@ class VAE:
             from diffusers import AutoencoderKL
         except ImportError as e:
             raise ImportError("the latent presets need diffusers for the VAE: pip install diffusers") from e
-        self.id, path = str(name_or_path), str(name_or_path)
-        # full pipeline folders (FLUX, SD3) keep the VAE in a vae/ subfolder
-        sub = "vae" if (os.path.isdir(os.path.join(path, "vae"))
-                        and not os.path.isfile(os.path.join(path, "config.json"))) else None
+        self.id, path, sub = str(name_or_path), str(name_or_path), None
+        if os.path.isdir(os.path.join(path, "vae")) and not os.path.isfile(os.path.join(path, "config.json")):
+            sub = "vae"                                   # a full pipeline folder (FLUX, SD3)
+        elif not os.path.exists(path) and path.count("/") == 2:
+            path, sub = path.rsplit("/", 1)               # hub id with a subfolder: owner/repo/vae
         load = lambda p, **kw: AutoencoderKL.from_pretrained(p, subfolder=sub, torch_dtype=dtype,
                                                              low_cpu_mem_usage=False, **kw)
         self.vae = _hf_load(load, path, "VAE", VAE_HINT).eval().requires_grad_(False).to(device)
@@ -483,6 +496,26 @@ def _write_text(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
+def encode_latents(vae, x, native=None):
+    """Images (B, 3, R, R) in [-1, 1] -> latents (B, C, R/f, R/f), honouring native sizes.
+    An image whose native size n < R reached us nearest-upsampled (see prepare): it is pooled
+    back to n x n (exactly), encoded there, and its latent nearest-upsampled by R/n. Average-
+    pooling that latent to n/f cells then gives exactly the native image's latent: the same
+    contract pixels have, so the loss can use it at every stage of size <= n/f."""
+    if native is None:
+        return vae.encode(x)
+    native = torch.as_tensor(native).to(x.device)
+    R, out = x.shape[-1], None
+    for n in native.unique().tolist():
+        idx = (native == n).nonzero().squeeze(1)
+        s = R // int(n)
+        z = vae.encode(torch.nn.functional.avg_pool2d(x[idx], s) if s > 1 else x[idx])
+        z = z.repeat_interleave(s, -1).repeat_interleave(s, -2) if s > 1 else z
+        out = z.new_empty((len(x),) + z.shape[1:]) if out is None else out
+        out[idx] = z
+    return out
+
+
 def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
     """Run `vae` once over an iterable of (uint8 image, caption, native_res) and write shards
     out_dir/latents_00000.safetensors (tensors 'latents' (N, C, h, w) float32, 'native_res' (N,))
@@ -508,7 +541,7 @@ def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
             b.clear()
 
     def flush_batch():
-        z = vae.encode(to_tensor(np.stack([b[0] for b in batch]))).cpu()  # (b, C, h, w)
+        z = encode_latents(vae, to_tensor(np.stack([b[0] for b in batch])), [b[2] for b in batch]).cpu()
         for i, (_, c, r) in enumerate(batch):
             buf[0].append(z[i:i + 1]); buf[1].append(c); buf[2].append(int(r))
             if len(buf[1]) == shard_size:
@@ -571,3 +604,22 @@ class LatentFolder:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+
+if __name__ == "__main__":
+    # Pre-encode a dataset to latents once (so training never runs the VAE):
+    #   python data.py encode-latents --data /data/imgs --vae black-forest-labs/FLUX.1-schnell/vae --out /data/latents
+    import argparse
+    p = argparse.ArgumentParser(description="pre-encode an image dataset to latent shards")
+    p.add_argument("command", choices=["encode-latents"])
+    p.add_argument("--data", required=True, help="imagefolder PATH or 'shards/{0000..0099}.tar'")
+    p.add_argument("--vae", required=True, help="VAE folder or hub id (AutoencoderKL)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024], help="stage sizes in pixels")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    src = (WebDataset(a.data, a.resolutions) if a.data.endswith(".tar") or "{" in a.data
+           else ImageFolder(a.data, a.resolutions))
+    n = encode_dataset(src, VAE(a.vae, device=a.device), a.out, a.batch_size)
+    print(f"wrote {n} latents to {a.out} (skipped {src.skipped} unreadable or too small)")

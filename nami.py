@@ -121,13 +121,12 @@ PRESETS = {
     "0.6b": dict(resolution=128, channels=16, patch=2, width=1536, heads=12, double=3,
                  stage_layers=(5, 4, 3), text_dim=2048, pooled_dim=768, text_len=256,
                  text_encoder="google/mt5-xl", pooled_encoder="openai/clip-vit-large-patch14",
-                 vae="black-forest-labs/FLUX.1-dev:vae"),
+                 vae="black-forest-labs/FLUX.1-schnell/vae"),
     "2b": dict(resolution=128, channels=16, patch=2, width=2048, heads=16, double=7,
                stage_layers=(9, 7, 6), text_dim=2048, pooled_dim=768, text_len=256,
                text_encoder="google/mt5-xl", pooled_encoder="openai/clip-vit-large-patch14",
-               vae="black-forest-labs/FLUX.1-dev:vae"),
+               vae="black-forest-labs/FLUX.1-schnell/vae"),
 }
-PRESET_PARAMS = {"tiny": 10.49e6, "cifar": 38.62e6, "0.6b": 0.657e9, "2b": 2.050e9}  # pinned by tests
 
 
 def preset(name, **overrides):
@@ -386,8 +385,7 @@ def assign_stages(u, ratios, native=None):
     return (u.double()[:, None] >= cdf[:, :-1]).sum(1) + 1
 
 
-def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1),
-              time_mean=0.0, time_std=1.0):
+def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1)):
     """Multi-resolution joint loss (paper Eq. 4, Algorithm 1).
 
     x: (B,C,R,R) full-resolution images or latents in model space; text: Text for the batch;
@@ -406,14 +404,14 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
     n, dev = len(x) * world, x.device
     draw = lambda t: t[rank::world]
     stage_of = assign_stages(draw(torch.rand(n, generator=generator, device=dev)), ratios, native)
-    u = draw(logit_normal(n, generator, dev, time_mean, time_std))
+    u = draw(logit_normal(n, generator, dev))            # noise fraction left in the window
     noise = draw(torch.randn((n,) + x.shape[1:], generator=generator, device=dev, dtype=x.dtype))
     bounds = window_bounds(cfg.windows)
     total, per_stage, counts = x.new_zeros(()), {}, {}
     for k in range(1, K + 1):
         idx = (stage_of == k).nonzero().squeeze(1)
-        if len(idx) == 0:
-            continue
+        # a stage with no samples still runs (on an empty batch): every parameter gets a
+        # gradient every step, so one process and N ranks (DDP, FSDP's collectives) agree
         xk = down(x[idx], 2 ** (K - k))                                   # (b, C, R_k, R_k)
         nk = noise[idx][..., : xk.shape[-2], : xk.shape[-1]]              # a crop of i.i.d. noise
         shift = resolution_shift((xk.shape[-1] // cfg.patch) ** 2) if cfg.time_shift else 1.0
@@ -422,7 +420,8 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
         mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)   # (b,)
         w = 1.0 if weights is None else weights[k - 1]
         total = total + w * mse.sum() / len(x)
-        per_stage[k], counts[k] = mse.detach().mean(), len(idx)
+        if len(idx):
+            per_stage[k], counts[k] = mse.detach().mean(), len(idx)
     return total, per_stage, counts
 
 

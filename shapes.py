@@ -309,6 +309,16 @@ def evaluate(captions, images):
     return result
 
 
+def all_captions():
+    """Every caption of the grammar (2163), in a fixed order: lets a trainer encode them all
+    once, up front, in fixed batches."""
+    kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    pairs = [(a, b) for a in kinds for b in kinds if a != b]
+    return ([_caption("single", [k]) for k in kinds] + [_caption("counting", [k] * n) for n in NUMBERS for k in kinds]
+            + [_caption("two_objects", p) for p in pairs]
+            + [_caption("position", p, r) for r in RELATIONS for p in pairs])
+
+
 EVAL_SEED = "nami-shapes-eval-v1"
 
 

@@ -34,8 +34,8 @@ def state(run):
 def runs(tmp_path_factory):
     """One run of 6 steps straight, and one stopped at step 3 then resumed to 6."""
     out = str(tmp_path_factory.mktemp("runs"))
-    straight = train.main(MINI + ["--out", out, "--run", "straight", "--steps", "6"])
-    halves = train.main(MINI + ["--out", out, "--run", "halves", "--steps", "6", "--stop-at", "3"])
+    straight = train.main(MINI + ["--out", out, "--name", "straight", "--steps", "6"])
+    halves = train.main(MINI + ["--out", out, "--name", "halves", "--steps", "6", "--stop-at", "3"])
     stopped = state(halves)
     train.main(["--resume", halves])
     return straight, halves, stopped
@@ -100,7 +100,7 @@ def test_atomic_write_keeps_the_previous_file(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    cmd = [sys.executable, "train.py", *MINI, "--out", str(tmp_path), "--run", "c", "--steps", "100000"]
+    cmd = [sys.executable, "train.py", *MINI, "--out", str(tmp_path), "--name", "c", "--steps", "100000"]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "c" / "log.jsonl"
     deadline = time.time() + 120
@@ -161,7 +161,7 @@ def test_image_folder_with_a_corrupt_image_trains(tmp_path, capsys):
         rows.append({"file_name": f"{i}.png", "text": f"picture {i}"})
     (folder / "3.png").write_bytes(b"\x89PNG not really")         # corrupt
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    run = train.main(MINI + ["--out", str(tmp_path), "--run", "folder", "--data", str(folder), "--steps", "3"])
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "folder", "--data", str(folder), "--steps", "3"])
     assert int(state(run)["step"]) == 3
     assert re.search(r"skipped [12] unreadable", capsys.readouterr().out)  # index 3 is drawn at steps 0 and 1
 

@@ -40,16 +40,18 @@ from sample import config_from_json, encode_text, generate, grid, load_encoders,
 PHASES = [(0.48, (4, 2, 1), 1.0), (0.80, (2, 4, 1), 1.0), (1.00, (1, 2, 4), 0.5)]
 CAPTION_DROP = 0.1        # captions replaced by "" so one model also gives v(x | no text), for CFG
 LOSS_EMA = 0.99           # smoothing of the per-stage losses behind the dynamic weights
-# Defaults of `python train.py --preset P` (flags override). tiny: tuned for 2 CPU cores.
+# Defaults of `python train.py --preset P` (flags override). tiny trains on a wall-clock
+# budget so the default run fits 15 minutes on any machine; --steps N makes a run exactly
+# reproducible instead. --dtype defaults to bf16 on GPUs, fp32 on CPUs.
 TRAIN = {
-    "tiny": dict(steps=2400, batch_size=64, lr=1e-3, warmup=100, ema=0.995, dtype="bf16",
-                 cfg=3.0, sample_steps="10,10,10"),
-    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, warmup=1000, ema=0.9999, dtype="bf16",
-                  cfg=2.0, sample_steps="10,10,10"),
-    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, dtype="bf16",
-                 cfg=4.0, sample_steps="10,10,10"),
-    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, dtype="bf16",
-               cfg=4.0, sample_steps="10,10,10"),
+    "tiny": dict(minutes=13.5, steps=None, batch_size=64, lr=1e-3, warmup=100, ema=0.995, cfg=3.0,
+                 sample_steps="10,10,10"),
+    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, warmup=1000, ema=0.9999, cfg=2.0,
+                  sample_steps="10,10,10"),
+    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, cfg=4.0,
+                 sample_steps="10,10,10"),
+    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, cfg=4.0,
+               sample_steps="10,10,10"),
 }
 SHAPES_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
                   "three white circles", "a magenta triangle and a cyan circle",
@@ -79,22 +81,30 @@ def dynamic_weights(stage_loss_ema):
 # of the global batch, a pure function of (seed, step) where the source allows it.
 
 
-def open_data(spec, cfg, batch, seed, rank, world, workers, factor=1):
+def open_data(spec, cfg, batch, seed, rank, world, workers, vae=None, device="cpu"):
     """spec: 'shapes' | 'cifar:PATH' | imagefolder PATH | latent folder PATH | '*.tar' shards.
-    factor: pixels per model cell (the VAE's downsampling for latent presets)."""
+    Returns get(step) -> (x in model space on `device`, captions, native stage or None)."""
+    factor = vae.factor if vae else 1
     res = [cfg.stage_resolution(k) * factor for k in range(1, cfg.K + 1)]   # pixels per stage
     stage_of = lambda native: torch.tensor([sum(r <= n for r in res) for n in native])
+
+    def model_space(x, captions, native_px):
+        x = x.to(device)
+        if vae is not None and x.shape[1] == 3:             # pixels -> latents (pre-encoded data skips this)
+            x = data.encode_latents(vae, x, native_px)
+        return x, captions, None if native_px is None else stage_of(native_px)
+
     if spec == "shapes":
         if (cfg.channels, cfg.resolution) != (3, 32):
             raise ValueError("the shapes world is 32x32 RGB: use a pixel-space preset (tiny, cifar)")
 
         def get(step):
             images, captions = shapes.make_batch(batch, seed, step)
-            return data.to_tensor(images[rank::world]), captions[rank::world], None
+            return model_space(data.to_tensor(images[rank::world]), captions[rank::world], None)
         return get
     if spec.endswith(".tar") or "{" in spec:              # a stream: resumes at a new shard order
         stream = iter(_loader(data.WebDataset(spec, res, rank, world, seed), batch // world, workers))
-        return lambda step: _unpack(next(stream), stage_of)
+        return lambda step: model_space(*_unpack(next(stream)))
     if spec.startswith("cifar:"):
         ds = data.Cifar10(spec[len("cifar:"):])
         if res[-1] != 32:
@@ -119,7 +129,7 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, factor=1):
         if state["next"] != step:                         # (re)start the loader at this step
             state["it"] = iter(_loader(ds, None, workers, (indices(s) for s in range(step, 1 << 62))))
         state["next"] = step + 1
-        return _unpack(next(state["it"]), stage_of)
+        return model_space(*_unpack(next(state["it"])))
     return get
 
 
@@ -133,14 +143,14 @@ def _loader(ds, batch, workers, batch_sampler=None):
 SKIPPED = {"n": 0}                                        # unreadable images, counted here (any worker)
 
 
-def _unpack(items, stage_of):
+def _unpack(items):
     good = [it for it in items if it is not None]         # corrupt images come back as None: skipped
     SKIPPED["n"] += len(items) - len(good)
     if not good:
         raise RuntimeError("a whole batch was unreadable: check the dataset's images")
     xs, captions, native = zip(*good)
-    x = torch.stack([torch.as_tensor(v) for v in xs]) if torch.is_tensor(xs[0]) else data.to_tensor(np.stack(xs))
-    return x, list(captions), stage_of(native)
+    x = torch.stack(list(xs)) if torch.is_tensor(xs[0]) else data.to_tensor(np.stack(xs))
+    return x, list(captions), list(native)
 
 
 # -----------------------------------------------------------------------------
@@ -154,12 +164,13 @@ def atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run, meta, model, ema, opt, step, loss_ema):
+def save_checkpoint(run, meta, step, elapsed, loss_ema, model_sd, optim_sd, ema_sd):
+    """state.pt (everything --resume needs), model.safetensors (EMA, for sampling), config.json."""
     atomic(os.path.join(run, "state.pt"), lambda p: torch.save(
-        {"step": torch.tensor(step), "model": model.state_dict(), "ema": ema, "optim": opt.state_dict(),
-         "loss_ema": torch.tensor(loss_ema, dtype=torch.float64)}, p))
+        {"step": torch.tensor(step), "elapsed_s": torch.tensor(elapsed), "model": model_sd, "ema": ema_sd,
+         "optim": optim_sd, "loss_ema": torch.tensor(loss_ema, dtype=torch.float64)}, p))
     atomic(os.path.join(run, "model.safetensors"), lambda p: save_file(
-        {k: v.contiguous() for k, v in ema.items()}, p))
+        {k: v.contiguous() for k, v in ema_sd.items()}, p))
     meta["step"] = step
     atomic(os.path.join(run, "config.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
 
@@ -170,6 +181,63 @@ def load_checkpoint(run):
         raise FileNotFoundError(f"--resume {run}: no state.pt there (a run saves one every --save-every "
                                 f"steps, at the end and on Ctrl-C)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Data parallelism: DDP for the small presets, FSDP2 (fully_shard) for 0.6b / 2b.
+
+
+class Objective(torch.nn.Module):
+    """The whole multi-stage loss as one module call. nami_loss runs the model once per stage,
+    but DDP (and FSDP's root) expect one forward per backward: wrapping the loss gives them that."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return nami.nami_loss(self.model, *args, **kwargs)
+
+
+def wrap(model, a, distributed):
+    """The module a training step calls: plain, DDP, or FSDP2 with every block its own shard
+    unit and bf16 compute (fp32 master weights, fp32 gradient reduction)."""
+    objective = Objective(model)
+    if a.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for blk in model.blocks:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(objective, mp_policy=mp)
+    elif distributed:
+        objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    return objective
+
+
+def full_state(model, opt, ema, fsdp):
+    """(model, optimizer, EMA) state as full tensors. Under FSDP the shards are gathered, which
+    is a collective: every rank calls this, rank 0 writes."""
+    if not fsdp:
+        return model.state_dict(), opt.state_dict(), ema
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = lambda v: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v.cpu()
+    return (get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o),
+            {k: full(v) for k, v in ema.items()})
+
+
+def load_state(model, opt, ema, st, fsdp):
+    """Restore a full (gathered) checkpoint into a possibly sharded model, optimizer and EMA."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, st["optim"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(st["optim"])
+    for k, v in ema.items():
+        full = st["ema"][k].to(v.device)
+        v.copy_(distribute_tensor(full, v.device_mesh, v.placements) if isinstance(v, DTensor) else full)
 
 
 # -----------------------------------------------------------------------------
@@ -227,8 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--ema", type=float)
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
-    p.add_argument("--out", default="out", help="runs are written to OUT/RUN")
-    p.add_argument("--run", help="run name (default: the preset)")
+    p.add_argument("--out", default="out", help="parent folder of runs")
+    p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
     p.add_argument("--resume", help="a run folder to continue")
     p.add_argument("--stop-at", type=int, help="stop (and save) at this step, to be resumed later")
     p.add_argument("--seed", type=int, default=0)
@@ -251,13 +319,15 @@ def parse_args(argv=None):
                    help="bridge: fit BridgeFlow on the model's own stage end points after training")
     p.add_argument("--cfg", type=float)
     p.add_argument("--sample-steps")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for action in p._actions:                             # parse again to see which flags were typed
+        action.default = argparse.SUPPRESS
+    return a, vars(p.parse_args(argv))
 
 
-def settle_args(a):
-    """Fill unset flags: from the run being resumed (its own settings), else the preset's
-    defaults. --stop-at never carries over."""
-    given = {k: v for k, v in vars(a).items() if v not in (None, False)}
+def settle_args(a, given):
+    """Fill unset flags: from the run being resumed (its own settings, overridden only by the
+    flags typed now), else the preset's defaults. --stop-at never carries over."""
     if a.resume:
         path = os.path.join(a.resume, "config.json")
         if not os.path.isfile(path):
@@ -267,9 +337,14 @@ def settle_args(a):
             meta = json.load(f)
         a = argparse.Namespace(**{**meta["args"], "stop_at": None, **given})
         return a, meta
-    for k, v in TRAIN[a.preset].items():
+    defaults = dict(TRAIN[a.preset])
+    if a.steps is not None:                               # an explicit step count beats a time budget
+        defaults.pop("minutes", None)
+    for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
+        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     return a, None
 
 
@@ -294,7 +369,7 @@ def build_config(a):
 
 
 def main(argv=None):
-    a, meta = settle_args(parse_args(argv))
+    a, meta = settle_args(*parse_args(argv))
     cfg = config_from_json(meta["model"]) if meta else build_config(a)
 
     distributed = "RANK" in os.environ
@@ -309,36 +384,29 @@ def main(argv=None):
     if a.batch_size % (world * a.grad_accum):
         raise ValueError(f"--batch-size {a.batch_size} must divide by ranks x --grad-accum = {world * a.grad_accum}")
     master, dev = rank == 0, torch.device(a.device)
-    run = a.resume or os.path.join(a.out, a.run or a.preset)
+    run = a.resume or os.path.join(a.out, a.name or a.preset)
     torch.manual_seed(a.seed)                              # same initial weights on every rank
 
     model = nami.NAMI(cfg).to(dev)
     model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
     model.grad_checkpointing = a.checkpointing
+    st = load_checkpoint(run) if a.resume else None
+    if st:
+        model.load_state_dict(st["model"])                # full weights, before any sharding
+    step_fn = wrap(model, a, distributed)
     # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
     enc, vae = load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
-    get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers,
-                          vae.factor if vae else 1)
+    if a.data == "shapes":                                # its whole grammar, once: ~2 s
+        enc.warm([""] + shapes.all_captions())
+    get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
-                            weight_decay=0.0, fused=dev.type == "cuda")
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    start, loss_ema = 0, [1.0] * cfg.K
-    if a.resume:
-        st = load_checkpoint(run)
-        model.load_state_dict(st["model"])
-        ema = {k: v.to(dev) for k, v in st["ema"].items()}
-        opt.load_state_dict(st["optim"])
-        start, loss_ema = int(st["step"]), st["loss_ema"].tolist()
-    train_model = model
-    if a.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for blk in model.blocks:
-            fully_shard(blk, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    elif distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        train_model.cfg = cfg
+                            weight_decay=0.0, fused=not a.fsdp)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}   # sharded like the model
+    start, elapsed, loss_ema = 0, 0.0, [1.0] * cfg.K
+    if st:
+        load_state(model, opt, ema, st, a.fsdp)
+        start, elapsed, loss_ema = int(st["step"]), float(st["elapsed_s"]), st["loss_ema"].tolist()
+        del st
     meta = meta or {"preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
                     "vae": cfg.vae, "args": vars(a),
                     "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
@@ -352,7 +420,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))   # Ctrl-C: finish the step, save
     budget = 60 * a.minutes if a.minutes else None
     total = a.steps if budget is None else 1 << 62
-    t0, seen, logf = time.time(), 0, open(os.path.join(run, "log.jsonl"), "a") if master else None
+    t0 = time.time() - elapsed                            # a resumed time budget goes on where it stopped
+    t_start, seen, logf = time.time(), 0, open(os.path.join(run, "log.jsonl"), "a") if master else None
     bar = tqdm(total=None if budget else total, initial=start, disable=not master, dynamic_ncols=True)
     step = start
     while step < total and not stop["now"] and step != a.stop_at:
@@ -371,14 +440,15 @@ def main(argv=None):
             drop = torch.rand(len(captions) * world, generator=torch.Generator().manual_seed(step_seed(a.seed, step, micro, 1)))
             captions = ["" if d < CAPTION_DROP else c for c, d in zip(captions, drop[rank::world])]
             text = encode_text(enc, captions, dev)
-            x = x.to(dev) if vae is None else vae.encode(x.to(dev))
-            sync = micro == a.grad_accum - 1
-            ctx = train_model.no_sync() if (distributed and not a.fsdp and not sync) else contextlib.nullcontext()
+            sync = micro == a.grad_accum - 1               # reduce gradients on the last micro-batch only
+            ctx = step_fn.no_sync() if (distributed and not a.fsdp and not sync) else contextlib.nullcontext()
             if a.fsdp:
-                model.set_requires_gradient_sync(sync)
-            with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" and not a.fsdp):
-                loss, per, counts = nami.nami_loss(train_model, x, text, ratios, weights,
-                                                   None if native is None else native.to(dev), g, (rank, world))
+                step_fn.set_requires_gradient_sync(sync)
+            # FSDP keeps bf16 copies of the weights for compute; autocast casts the activations
+            # that arrive in fp32 (time embeddings, RoPE, text states) to meet them
+            with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" or a.fsdp):
+                loss, per, counts = step_fn(x, text, ratios, weights, None if native is None else native.to(dev),
+                                            g, (rank, world))
                 (loss / a.grad_accum).backward()
             for k in per:
                 stage_sum[k - 1] += per[k].item() * counts[k]
@@ -387,7 +457,8 @@ def main(argv=None):
             both = torch.cat([stage_sum, stage_n]).to(dev)
             dist.all_reduce(both)
             stage_sum, stage_n = both.cpu().double().chunk(2)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():                             # EMA weights, warmed up over early steps
@@ -401,29 +472,32 @@ def main(argv=None):
         step += 1
         seen += a.batch_size
         if master:
-            ips = seen / (time.time() - t0)
+            ips = seen / (time.time() - t_start)
             bar.update(1)
             bar.set_postfix({**{f"L{k + 1}": f"{loss_ema[k]:.3f}" for k in range(cfg.K)}, "img/s": f"{ips:.0f}"})
             if step % a.log_every == 0:
                 logf.write(json.dumps({"step": step, "lr": lr, "ratios": ratios, "weights": weights,
-                                       "stage_loss": loss_ema, "img_per_s": round(ips, 1),
+                                       "stage_loss": loss_ema, "grad_norm": grad_norm, "img_per_s": round(ips, 1),
                                        "elapsed_s": round(time.time() - t0, 1)}) + "\n")
                 logf.flush()
-            if step % a.save_every == 0:
-                save_checkpoint(run, meta, model, ema, opt, step, loss_ema)
+        if step % a.save_every == 0:
+            full = full_state(model, opt, ema, a.fsdp)
+            if master:
+                save_checkpoint(run, meta, step, time.time() - t0, loss_ema, *full)
     bar.close()
     if master and SKIPPED["n"]:
         print(f"skipped {SKIPPED['n']} unreadable image(s) (corrupt or too small); training went on without them")
 
     finished = not stop["now"] and step != a.stop_at
+    model_sd, optim_sd, ema_sd = full_state(model, opt, ema, a.fsdp)
     if master:
         if finished and a.transition == "bridge":
-            fit_bridge(model, ema, get_batch, cfg, a, dev, enc, vae, step)
-        save_checkpoint(run, meta, model, ema, opt, step, loss_ema)
+            fit_bridge(ema_sd, get_batch, cfg, a, enc, vae, step)
+        save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
         print(f"{'finished' if finished else 'stopped'} at step {step} after {(time.time() - t0) / 60:.1f} min; "
               f"saved {run}" + ("" if finished else f" (continue with: python train.py --resume {run})"))
         if finished:
-            sample_grid(cfg, ema, a, enc, vae, run)
+            sample_grid(cfg, ema_sd, a, enc, vae, run)
     if distributed:
         dist.destroy_process_group()
     return run
@@ -435,9 +509,10 @@ def ema_model(cfg, ema, dev):
     return m
 
 
-def fit_bridge(model, ema, get_batch, cfg, a, dev, enc, vae, step, batches=8):
+def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
     """BridgeFlow pre-training: fit each jump on the EMA model's own end points of the
     previous window (sampled from training starts of real data), then store it in the EMA."""
+    dev = torch.device(a.device)
     m = ema_model(cfg, ema, dev)
     bounds, steps = nami.window_bounds(cfg.windows), tuple(int(s) for s in a.sample_steps.split(","))
     g = torch.Generator(dev).manual_seed(a.seed + 1)
@@ -455,7 +530,6 @@ def fit_bridge(model, ema, get_batch, cfg, a, dev, enc, vae, step, batches=8):
             def pairs():
                 for i in range(batches):
                     x, captions, _ = get_batch(step + i)
-                    x = x.to(dev) if vae is None else vae.encode(x.to(dev))
                     stage_end.text = encode_text(enc, captions, dev)
                     yield nami.bridge_pairs(nami.down(x, 2 ** (cfg.K - k)), k, bounds, g, stage_end)
             mse = m.bridge.fit(k, pairs())

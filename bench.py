@@ -26,16 +26,18 @@ shapes-world evaluation (sample.py --eval, 30 sampling steps in total):
 """
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nami
-import sample
+import shapes
 import train
-from train import TRAIN
 
 VARIANTS = ("baseline", "piecewise", "nami")
 
@@ -85,8 +87,8 @@ def latency(model, variant, res, total_steps, cfg_scale, repeats, warmup, device
     return statistics.median(once() for _ in range(repeats))
 
 
-# Ablations: (name, train.py flags, sample.py flags). "bridge" evaluates the NAMI run again
-# with BridgeFlow fitted on its own end points (train.py --transition bridge does the fit).
+# Ablations: (name, train.py flags, sample.py flags). "nami+bridge" evaluates the NAMI run
+# again with BridgeFlow fitted on its own end points (train.py --transition bridge does the fit).
 ABLATIONS = {
     "main": [("baseline", ["--baseline"], ["--steps", "30"]),
              ("piecewise", ["--no-nested"], []),
@@ -97,25 +99,42 @@ ABLATIONS = {
 }
 
 
-def ablate(kind, minutes, out, seed):
-    """Train each variant for `minutes` of wall clock (same seed, same data stream), evaluate
-    it on the shapes world, and print one table row and one JSON line per variant."""
-    rows, run = [], None
-    for name, train_flags, eval_flags in ABLATIONS[kind]:
+def ablate(kind, minutes, out, seed, jobs, n_eval):
+    """Train each variant of `kind` for `minutes` of wall clock (same seed, same data stream),
+    `jobs` at a time with the CPU cores split evenly between them, so every variant gets the
+    same compute; then score each with `sample.py --eval` (`n_eval` images per prompt) and print
+    one table row and one JSON line per variant."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    here, runs, queue = os.path.dirname(os.path.abspath(__file__)), {}, []
+    os.makedirs(out, exist_ok=True)
+    for name, train_flags, _ in ABLATIONS[kind]:
         if train_flags is not None:
-            run = train.main(["--minutes", str(minutes), "--out", out, "--name", f"{kind}-{name.replace(' ', '_')}",
-                              "--seed", str(seed), *train_flags])
-        log = [json.loads(line) for line in open(f"{run}/log.jsonl")]
-        t0 = time.perf_counter()
-        result = sample.main(["--ckpt", run, "--eval", "--steps", "10", *eval_flags])
+            run = f"{kind}-{name.replace(' ', '_')}"
+            queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
+                                "--out", out, "--name", run, "--seed", str(seed), *train_flags]))
+        runs[name] = os.path.join(out, run)
+    for i in range(0, len(queue), jobs):
+        procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
+                                        stderr=subprocess.STDOUT)) for run, cmd in queue[i: i + jobs]]
+        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, {env['OMP_NUM_THREADS']} thread(s) each)")
+        for run, proc in procs:
+            if proc.wait():
+                raise RuntimeError(f"training {run} failed: see {os.path.join(out, run + '.log')}")
+    rows = []
+    for name, _, eval_flags in ABLATIONS[kind]:
+        log = [json.loads(line) for line in open(os.path.join(runs[name], "log.jsonl"))]
+        res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", runs[name], "--eval",
+                              "--n", str(n_eval), "--steps", "10", *eval_flags],
+                             capture_output=True, text=True, check=True)
+        result = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append({"ablation": kind, "variant": name, "minutes": minutes, "steps": log[-1]["step"],
-                     "train_img_per_s": log[-1]["img_per_s"], "eval_s": round(time.perf_counter() - t0, 1),
-                     **{c: round(result[c], 4) for c in (*sample.shapes.CATEGORIES, "overall")}})
-    print(f"\n{'variant':>14} {'steps':>6} {'train img/s':>11} " + " ".join(f"{c[:8]:>8}" for c in
-                                                                        (*sample.shapes.CATEGORIES, "overall")))
+                     "train_img_per_s": log[-1]["img_per_s"], "sample_img_per_s": result["images_per_s"],
+                     **{c: result[c] for c in (*shapes.CATEGORIES, "overall")}})
+    cats = (*shapes.CATEGORIES, "overall")
+    print(f"\n{'variant':>14} {'steps':>6} {'train img/s':>11} {'sample img/s':>12} " + " ".join(f"{c[:8]:>8}" for c in cats))
     for r in rows:
-        print(f"{r['variant']:>14} {r['steps']:>6} {r['train_img_per_s']:>11} " + " ".join(
-            f"{r[c]:8.3f}" for c in (*sample.shapes.CATEGORIES, "overall")))
+        print(f"{r['variant']:>14} {r['steps']:>6} {r['train_img_per_s']:>11} {r['sample_img_per_s']:>12} "
+              + " ".join(f"{r[c]:8.3f}" for c in cats))
     for r in rows:
         print(json.dumps(r))
     return rows
@@ -135,14 +154,16 @@ def main(argv=None):
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, skip timing")
     p.add_argument("--ablate", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
     p.add_argument("--minutes", type=float, default=15, help="with --ablate: wall-clock budget per variant")
+    p.add_argument("--jobs", type=int, default=2, help="with --ablate: variants trained at once, cores split evenly")
+    p.add_argument("--n-eval", type=int, default=3, help="with --ablate: evaluation images per prompt")
     p.add_argument("--out", default="out/ablate")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.ablate:
-        return ablate(a.ablate, a.minutes, a.out, a.seed)
+        return ablate(a.ablate, a.minutes, a.out, a.seed, a.jobs, a.n_eval)
 
     cfg = nami.preset(a.preset)
-    cfg_scale = a.cfg if a.cfg is not None else TRAIN[a.preset]["cfg"]
+    cfg_scale = a.cfg if a.cfg is not None else train.TRAIN[a.preset]["cfg"]
     factor = 8 if cfg.vae else 1                          # FLUX/SD3 VAEs: 8x fewer cells per side
     sizes = a.res or [cfg.resolution * factor]
     device, dtype = torch.device(a.device), torch.bfloat16 if a.dtype == "bf16" else torch.float32

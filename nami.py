@@ -36,7 +36,7 @@ Use:  python nami.py          # preset table: parameters, sampling FLOPs, FLOP r
       python -m pytest -q test_nami.py   # the flow equations, checked against closed forms
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -112,8 +112,10 @@ class Config:
 # so even the cheapest stage keeps separate text and image weights; the nesting adds
 # single blocks (15 d^2 parameters each vs 36 d^2).
 PRESETS = {
-    # Trains on 2 CPU cores in minutes on the shapes world (pixels, stages 8/16/32).
-    "tiny": dict(resolution=32, channels=3, patch=2, width=256, heads=4, double=2,
+    # Trains on 2 CPU cores in minutes on the shapes world (pixels, stages 8/16/32 = 4/16/64
+    # tokens). Tuned for accuracy per CPU minute (README): patch 4 and width 128 beat patch 2
+    # and width 256, which see 3-4x fewer images in the same 15 minutes.
+    "tiny": dict(resolution=32, channels=3, patch=4, width=128, heads=2, double=2,
                  stage_layers=(2, 2, 2)),
     # CIFAR-size, DiT-S-like width/depth/heads (384/12/6) with the 0.6b layer ratio.
     "cifar": dict(resolution=32, channels=3, patch=2, width=384, heads=6, double=3,

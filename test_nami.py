@@ -398,7 +398,7 @@ def test_nesting_runs_exactly_the_prefix(nested):
 def test_stages_share_parameters():
     m = tiny_model()
     n_params = sum(p.numel() for p in m.parameters())
-    d, hid, C = 64, 256, 3
+    d, hid = 64, 256
     # the stack exists once: 2 double + 4 single blocks, not one copy per stage
     dbl = 2 * (6 * d * d + 6 * d + 3 * d * d + 3 * d + d * d + d + d * hid + hid + hid * d + d + 2 * (d // 2))
     sgl = 3 * d * d + 3 * d + d * (3 * d + hid) + 3 * d + hid + (d + hid) * d + d + 2 * (d // 2)

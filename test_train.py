@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import sample
 import train
@@ -171,3 +170,11 @@ def test_dry_run_reports_2b(capsys):
     out = capsys.readouterr().out
     assert "params: 2.04B" in out
     assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
+
+
+def test_learning_rate_schedule():
+    # warmup: linear from base/warmup; phases (train.PHASES): x1 until 80% of the run, then x0.5
+    lr = lambda step, p: train.learning_rate(1e-3, step, p, 100)
+    assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
+    assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
+    assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)

@@ -16,7 +16,6 @@ log.jsonl (per-stage losses), samples.png + stages.png (+ .txt with their prompt
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import time
@@ -25,7 +24,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -64,6 +63,11 @@ def phase(progress):
         if progress < end:
             return ratios, lr_mult
     return PHASES[-1][1], PHASES[-1][2]
+
+
+def learning_rate(base, step, progress, warmup):
+    """Linear warmup over `warmup` steps, then the current phase's multiplier."""
+    return base * phase(progress)[1] * min(1.0, (step + 1) / warmup)
 
 
 def dynamic_weights(stage_loss_ema):
@@ -278,6 +282,9 @@ def dry_run(cfg, a, ranks):
     print(f"memory per GPU (estimate, {ranks} rank(s), micro-batch {micro}, "
           f"{'FSDP' if a.fsdp else 'replicated'}, checkpointing {'on' if a.checkpointing else 'off'}): "
           f"{(states + acts) / 2 ** 30:.1f} GiB = {states / 2 ** 30:.1f} states + {acts / 2 ** 30:.1f} activations")
+    if states + acts > 70 * 2 ** 30:
+        print("  more than an 80 GB GPU holds: shard the states with --fsdp over more --ranks, add "
+              "--checkpointing, or raise --grad-accum to shrink the micro-batch")
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +435,8 @@ def main(argv=None):
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
-        ratios, lr_mult = phase(progress)
-        lr = a.lr * lr_mult * min(1.0, (step + 1) / a.warmup)
+        ratios = phase(progress)[0]
+        lr = learning_rate(a.lr, step, progress, a.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None

@@ -20,9 +20,9 @@ The quality side, at toy scale (the paper's Figures 7-9 and its BridgeFlow ablat
 `tiny` models on the shapes world with EQUAL wall-clock budgets and score each with the
 shapes-world evaluation (sample.py --eval, 30 sampling steps in total):
 
-  python bench.py --ablate main --minutes 15       # baseline, piecewise only, NAMI (+ BridgeFlow)
-  python bench.py --ablate layers --minutes 15     # layer splits 1:1:4, 2:2:2, 4:1:1 (same depth)
-  python bench.py --ablate windows --minutes 15    # window ratios 1:1:1, 2:1:1, 1:1:2
+  python bench.py --ablate main --minutes 10           # baseline, piecewise only, NAMI (+ BridgeFlow)
+  python bench.py --ablate main layers --minutes 10    # + layer splits 1:1:4, 4:1:1 (NAMI is 2:2:2)
+  python bench.py --ablate windows --minutes 10        # window ratios 2:1:1, 1:1:2 (NAMI is 1:1:1)
 """
 import argparse
 import json
@@ -94,46 +94,59 @@ ABLATIONS = {
              ("piecewise", ["--no-nested"], []),
              ("nami", ["--transition", "bridge"], ["--transition", "renoise"]),
              ("nami+bridge", None, ["--transition", "bridge"])],
-    "layers": [(f"layers {s}", ["--set", f"stage_layers={s}"], []) for s in ("1:1:4", "2:2:2", "4:1:1")],
-    "windows": [(f"windows {w}", ["--set", f"windows={w}"], []) for w in ("1:1:1", "2:1:1", "1:1:2")],
+    # the default split 2:2:2 and windows 1:1:1 are the "nami" row of main
+    "layers": [(f"layers {s}", ["--set", f"stage_layers={s}"], []) for s in ("1:1:4", "4:1:1")],
+    "windows": [(f"windows {w}", ["--set", f"windows={w}"], []) for w in ("2:1:1", "1:1:2")],
 }
 
 
-def ablate(kind, minutes, out, seed, jobs, n_eval):
-    """Train each variant of `kind` for `minutes` of wall clock (same seed, same data stream),
-    `jobs` at a time with the CPU cores split evenly between them, so every variant gets the
-    same compute; then score each with `sample.py --eval` (`n_eval` images per prompt) and print
-    one table row and one JSON line per variant."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    here, runs, queue = os.path.dirname(os.path.abspath(__file__)), {}, []
+def ablate(kinds, minutes, out, seed, jobs, n_eval):
+    """Train every variant of `kinds` for `minutes` of wall clock (same seed, same data stream),
+    `jobs` at a time, each pinned to its own share of the CPU cores so that every variant gets
+    the same compute (wall-clock budgets are only fair that way: with more processes than
+    cores the scheduler's shares drifted 4x over a run here); then score each with
+    `sample.py --eval` (`n_eval` images per prompt) and print a table row and a JSON line each."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if not 1 <= jobs <= len(cores):
+        raise ValueError(f"--jobs {jobs}: give each variant at least one of the {len(cores)} cores")
+    share = len(cores) // jobs
+    env = {**os.environ, "OMP_NUM_THREADS": str(share)}
+    here, runs, queue, variants = os.path.dirname(os.path.abspath(__file__)), {}, [], []
     os.makedirs(out, exist_ok=True)
-    for name, train_flags, _ in ABLATIONS[kind]:
-        if train_flags is not None:
-            run = f"{kind}-{name.replace(' ', '_')}"
-            queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
-                                "--out", out, "--name", run, "--seed", str(seed), *train_flags]))
-        runs[name] = os.path.join(out, run)
+    for kind in kinds:
+        for name, train_flags, eval_flags in ABLATIONS[kind]:
+            if train_flags is not None:
+                run = f"{kind}-{name.replace(' ', '_')}"
+                queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
+                                    "--out", out, "--name", run, "--seed", str(seed), *train_flags]))
+            runs[name] = os.path.join(out, run)
+            variants.append((kind, name, eval_flags))
     for i in range(0, len(queue), jobs):
-        procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
-                                        stderr=subprocess.STDOUT)) for run, cmd in queue[i: i + jobs]]
-        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, {env['OMP_NUM_THREADS']} thread(s) each)")
+        procs = []
+        for j, (run, cmd) in enumerate(queue[i: i + jobs]):
+            pin = set(cores[j * share: (j + 1) * share])
+            procs.append((run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
+                                                stderr=subprocess.STDOUT, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p))
+                                                if hasattr(os, "sched_setaffinity") else None)))
+        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, {share} core(s) each)", flush=True)
         for run, proc in procs:
             if proc.wait():
                 raise RuntimeError(f"training {run} failed: see {os.path.join(out, run + '.log')}")
     rows = []
-    for name, _, eval_flags in ABLATIONS[kind]:
-        log = [json.loads(line) for line in open(os.path.join(runs[name], "log.jsonl"))]
+    for kind, name, eval_flags in variants:
+        log = [json.loads(line) for line in open(os.path.join(runs[name], "log.jsonl"))] or [{}]
+        steps = json.load(open(os.path.join(runs[name], "config.json")))["step"]
         res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", runs[name], "--eval",
                               "--n", str(n_eval), "--steps", "10", *eval_flags],
                              capture_output=True, text=True, check=True)
         result = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"ablation": kind, "variant": name, "minutes": minutes, "steps": log[-1]["step"],
-                     "train_img_per_s": log[-1]["img_per_s"], "sample_img_per_s": result["images_per_s"],
+        rows.append({"ablation": kind, "variant": name, "minutes": minutes, "steps": steps,
+                     "train_img_per_s": log[-1].get("img_per_s"), "sample_img_per_s": result["images_per_s"],
                      **{c: result[c] for c in (*shapes.CATEGORIES, "overall")}})
     cats = (*shapes.CATEGORIES, "overall")
     print(f"\n{'variant':>14} {'steps':>6} {'train img/s':>11} {'sample img/s':>12} " + " ".join(f"{c[:8]:>8}" for c in cats))
     for r in rows:
-        print(f"{r['variant']:>14} {r['steps']:>6} {r['train_img_per_s']:>11} {r['sample_img_per_s']:>12} "
+        print(f"{r['variant']:>14} {r['steps']:>6} {str(r['train_img_per_s']):>11} {r['sample_img_per_s']:>12} "
               + " ".join(f"{r[c]:8.3f}" for c in cats))
     for r in rows:
         print(json.dumps(r))
@@ -152,7 +165,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, skip timing")
-    p.add_argument("--ablate", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
+    p.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
     p.add_argument("--minutes", type=float, default=15, help="with --ablate: wall-clock budget per variant")
     p.add_argument("--jobs", type=int, default=2, help="with --ablate: variants trained at once, cores split evenly")
     p.add_argument("--n-eval", type=int, default=3, help="with --ablate: evaluation images per prompt")

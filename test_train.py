@@ -178,3 +178,15 @@ def test_learning_rate_schedule():
     assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
     assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
     assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)
+
+
+def test_baseline_and_piecewise_runs_finish(tmp_path):
+    # the K = 1 baseline samples its end-of-run grid with the SUM of --sample-steps (one window)
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "base", "--steps", "2", "--baseline"])
+    meta = json.load(open(os.path.join(run, "config.json")))
+    assert meta["model"]["stage_layers"] == [6] and os.path.isfile(os.path.join(run, "samples.png"))
+    assert train.sample_steps(train.parse_args(["--sample-steps", "2,3,4"])[0], sample.load(run)[0].cfg) == (9,)
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "pw", "--steps", "2", "--no-nested"])
+    assert json.load(open(os.path.join(run, "config.json")))["model"]["nested"] is False
+    with pytest.raises(ValueError, match="one count per window"):
+        train.main(MINI + ["--out", str(tmp_path), "--steps", "2", "--sample-steps", "4,4"])

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 import nami
 import shapes
-from sample import config_from_json, encode_text, generate, grid, load_encoders, save_png
+from sample import config_from_json, encode_text, generate, grid, load_encoders, parse_steps, save_png
 
 # -----------------------------------------------------------------------------
 # The paper's recipe (Sec. 3.3, 4.2) as data. Phases are fractions of the run: resolution
@@ -272,7 +272,7 @@ def dry_run(cfg, a, ranks):
         f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))
         print(f"  stage {k}: {r}x{r} cells, {(r // cfg.patch) ** 2} image tokens, {cfg.stage_depth(k)} blocks: "
               f"{f / 1e9:,.1f} GFLOP forward, {3 * f / 1e9:,.1f} GFLOP train step per image")
-    steps = tuple(int(s) for s in a.sample_steps.split(","))
+    steps = sample_steps(a, cfg)
     nf = nami.sampling_flops(cfg, steps, cfg_scale=a.cfg)
     bf = nami.sampling_flops(cfg, sum(steps), "baseline", cfg_scale=a.cfg)
     print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
@@ -355,6 +355,17 @@ def settle_args(a, given):
     return a, None
 
 
+def sample_steps(a, cfg):
+    """--sample-steps as Euler steps per window; a K = 1 baseline gets their sum (30 for
+    10,10,10), so its samples cost the same number of steps as NAMI's."""
+    steps = parse_steps(a.sample_steps, cfg.K)
+    if cfg.K == 1:
+        return (sum(steps),)
+    if len(steps) != cfg.K:
+        raise ValueError(f"--sample-steps {a.sample_steps} needs one count per window (K = {cfg.K})")
+    return steps
+
+
 def step_seed(*parts):
     """One 62-bit seed per (seed, step, micro-batch, purpose): a resumed run redraws exactly."""
     return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little") >> 2
@@ -378,6 +389,7 @@ def build_config(a):
 def main(argv=None):
     a, meta = settle_args(*parse_args(argv))
     cfg = config_from_json(meta["model"]) if meta else build_config(a)
+    sample_steps(a, cfg)                                  # a bad --sample-steps fails now, not after training
 
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
@@ -521,7 +533,7 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
     previous window (sampled from training starts of real data), then store it in the EMA."""
     dev = torch.device(a.device)
     m = ema_model(cfg, ema, dev)
-    bounds, steps = nami.window_bounds(cfg.windows), tuple(int(s) for s in a.sample_steps.split(","))
+    bounds, steps = nami.window_bounds(cfg.windows), sample_steps(a, cfg)
     g = torch.Generator(dev).manual_seed(a.seed + 1)
 
     def stage_end(start, k):                              # run window k of the sampler from `start`
@@ -550,7 +562,7 @@ def sample_grid(cfg, ema, a, enc, vae, run):
     """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
     m = ema_model(cfg, ema, a.device)
     prompts = SHAPES_PROMPTS if a.data == "shapes" else ["a photo"] * 8
-    steps = tuple(int(s) for s in a.sample_steps.split(","))
+    steps = sample_steps(a, cfg)
     images, ends = generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
                             a.transition, "nami", 64, vae, a.dtype)
     scale = max(1, 96 // images.shape[1])

@@ -102,15 +102,13 @@ ABLATIONS = {
 
 def ablate(kinds, minutes, out, seed, jobs, n_eval):
     """Train every variant of `kinds` for `minutes` of wall clock (same seed, same data stream),
-    `jobs` at a time, each pinned to its own share of the CPU cores so that every variant gets
-    the same compute (wall-clock budgets are only fair that way: with more processes than
-    cores the scheduler's shares drifted 4x over a run here); then score each with
-    `sample.py --eval` (`n_eval` images per prompt) and print a table row and a JSON line each."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if not 1 <= jobs <= len(cores):
-        raise ValueError(f"--jobs {jobs}: give each variant at least one of the {len(cores)} cores")
-    share = len(cores) // jobs
-    env = {**os.environ, "OMP_NUM_THREADS": str(share)}
+    `jobs` at a time with the CPU cores split evenly between them, so that every variant gets
+    the same compute; then score each with `sample.py --eval` (`n_eval` images per prompt) and
+    print a table row and a JSON line each."""
+    cores = os.cpu_count() or 1
+    if not 1 <= jobs <= cores:
+        raise ValueError(f"--jobs {jobs}: give each variant at least one of the {cores} cores")
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores // jobs)}
     here, runs, queue, variants = os.path.dirname(os.path.abspath(__file__)), {}, [], []
     os.makedirs(out, exist_ok=True)
     for kind in kinds:
@@ -122,13 +120,10 @@ def ablate(kinds, minutes, out, seed, jobs, n_eval):
             runs[name] = os.path.join(out, run)
             variants.append((kind, name, eval_flags))
     for i in range(0, len(queue), jobs):
-        procs = []
-        for j, (run, cmd) in enumerate(queue[i: i + jobs]):
-            pin = set(cores[j * share: (j + 1) * share])
-            procs.append((run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
-                                                stderr=subprocess.STDOUT, preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p))
-                                                if hasattr(os, "sched_setaffinity") else None)))
-        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, {share} core(s) each)", flush=True)
+        procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
+                                        stderr=subprocess.STDOUT)) for run, cmd in queue[i: i + jobs]]
+        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, "
+              f"{env['OMP_NUM_THREADS']} thread(s) each)", flush=True)
         for run, proc in procs:
             if proc.wait():
                 raise RuntimeError(f"training {run} failed: see {os.path.join(out, run + '.log')}")
@@ -166,7 +161,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, skip timing")
     p.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
-    p.add_argument("--minutes", type=float, default=15, help="with --ablate: wall-clock budget per variant")
+    p.add_argument("--minutes", type=float, default=10, help="with --ablate: wall-clock budget per variant")
     p.add_argument("--jobs", type=int, default=2, help="with --ablate: variants trained at once, cores split evenly")
     p.add_argument("--n-eval", type=int, default=3, help="with --ablate: evaluation images per prompt")
     p.add_argument("--out", default="out/ablate")

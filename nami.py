@@ -402,6 +402,8 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
     Returns (total, {stage: mean MSE}, {stage: samples}) for the stages that got samples.
     """
     cfg, K = model.cfg, model.cfg.K
+    if len(ratios) != K:                                  # else samples drawn for missing stages would be dropped
+        raise ValueError(f"ratios {tuple(ratios)} need one entry per stage (K = {K})")
     rank, world = shard
     n, dev = len(x) * world, x.device
     draw = lambda t: t[rank::world]

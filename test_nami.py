@@ -508,6 +508,9 @@ def test_loss_of_zero_model_on_constant_images():
     assert total.item() == pytest.approx(sum(per[k].item() * counts[k] for k in per) / 600, rel=1e-5)
     w_total, _, _ = nami.nami_loss(m, x, t, (1, 1, 1), weights=(2, 0, 1), generator=torch.Generator().manual_seed(0))
     assert w_total.item() == pytest.approx((2 * per[1].item() * counts[1] + per[3].item() * counts[3]) / 600, rel=1e-5)
+    # every sample trains exactly one stage: ratios must name every stage, no more, no fewer
+    with pytest.raises(ValueError, match="one entry per stage"):
+        nami.nami_loss(nami.NAMI(nami.preset("tiny", width=64, heads=2, baseline=True)), x[:8], t.select(slice(0, 8)), (4, 2, 1))
 
 
 def test_sharded_loss_gradients_equal_the_full_batch_gradient():

@@ -57,12 +57,18 @@ SHAPES_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yell
                   "a red square to the left of a blue circle", "a white triangle above a green square"]
 
 
-def phase(progress):
-    """(stage ratios, lr multiplier) at a point of the run (0..1)."""
+def phase(progress, K=3):
+    """(stage ratios, lr multiplier) at a point of the run (0..1). The ratios are the paper's,
+    written for K = 3 stages; a K = 1 baseline trains every sample at its one stage."""
     for end, ratios, lr_mult in PHASES:
         if progress < end:
-            return ratios, lr_mult
-    return PHASES[-1][1], PHASES[-1][2]
+            break
+    if K == 1:
+        return (1,), lr_mult
+    if len(ratios) != K:
+        raise ValueError(f"train.PHASES gives resolution ratios for {len(ratios)} stages but the model has "
+                         f"K = {K}: write ratios for {K} stages there")
+    return ratios, lr_mult
 
 
 def learning_rate(base, step, progress, warmup):
@@ -389,7 +395,7 @@ def build_config(a):
 def main(argv=None):
     a, meta = settle_args(*parse_args(argv))
     cfg = config_from_json(meta["model"]) if meta else build_config(a)
-    sample_steps(a, cfg)                                  # a bad --sample-steps fails now, not after training
+    sample_steps(a, cfg), phase(0.0, cfg.K)               # bad steps or ratios fail now, not after training
 
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
@@ -447,7 +453,7 @@ def main(argv=None):
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
-        ratios = phase(progress)[0]
+        ratios = phase(progress, cfg.K)[0]
         lr = learning_rate(a.lr, step, progress, a.warmup)
         for group in opt.param_groups:
             group["lr"] = lr

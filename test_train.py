@@ -191,3 +191,11 @@ def test_baseline_and_piecewise_runs_finish(tmp_path):
     assert json.load(open(os.path.join(run, "config.json")))["model"]["nested"] is False
     with pytest.raises(ValueError, match="one count per window"):
         train.main(MINI + ["--out", str(tmp_path), "--steps", "2", "--sample-steps", "4,4"])
+
+
+def test_resume_a_time_budgeted_run_with_more_steps(tmp_path):
+    # the tiny preset trains on a wall-clock budget; --resume RUN --steps N must go on to step N
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "budget", "--minutes", "0.001"])
+    done = int(state(run)["step"])
+    train.main(["--resume", run, "--steps", str(done + 3)])
+    assert int(state(run)["step"]) == done + 3

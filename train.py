@@ -349,6 +349,8 @@ def settle_args(a, given):
         with open(path) as f:
             meta = json.load(f)
         a = argparse.Namespace(**{**meta["args"], "stop_at": None, **given})
+        if "steps" in given and "minutes" not in given:   # --steps N goes on to step N, past a used-up budget
+            a.minutes = None
         return a, meta
     defaults = dict(TRAIN[a.preset])
     if a.steps is not None:                               # an explicit step count beats a time budget

@@ -272,7 +272,7 @@ def dry_run(cfg, a, ranks):
     P = nami.count_params(cfg)
     print(f"params: {P / 1e9:.2f}B" if P > 1e9 else f"params: {P / 1e6:.2f}M")
     print(f"stages: {cfg.K}, layers {':'.join(map(str, cfg.stage_layers))} of {cfg.depth} "
-          f"({cfg.double} double-stream first), windows {nami.window_bounds(cfg.windows)}")
+          f"({cfg.double} double-stream first), windows {[(round(s, 3), round(e, 3)) for s, e in nami.window_bounds(cfg.windows)]}")
     for k in range(1, cfg.K + 1):
         r = cfg.stage_resolution(k)
         f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))

@@ -113,8 +113,8 @@ class Config:
 # single blocks (15 d^2 parameters each vs 36 d^2).
 PRESETS = {
     # Trains on 2 CPU cores in minutes on the shapes world (pixels, stages 8/16/32 = 4/16/64
-    # tokens). Tuned for accuracy per CPU minute (README): patch 4 and width 128 beat patch 2
-    # and width 256, which see 3-4x fewer images in the same 15 minutes.
+    # tokens). Sized for images per CPU minute (README): width 256 or patch 2 cost 2.7x / 1.8x
+    # more per training step, so they see that many fewer images in the same 15 minutes.
     "tiny": dict(resolution=32, channels=3, patch=4, width=128, heads=2, double=2,
                  stage_layers=(2, 2, 2)),
     # CIFAR-size, DiT-S-like width/depth/heads (384/12/6) with the 0.6b layer ratio.

@@ -13,8 +13,9 @@ The idea in three lines:
 Adjacent windows are joined at jump points by "renoise" (nearest upsampling plus fresh
 within-block noise, from Pyramid Flow) or by BridgeFlow (a fitted linear map per jump).
 
-Read order: notation -> presets -> flow math -> jumps -> loss -> samplers -> model -> checks.
-The loss is `nami_loss`, the sampler is `sample`; neither needs the model code to be read.
+Read order (one "# ---" section each): notation -> presets -> flow math -> renoise jump ->
+loss (`nami_loss`) -> sampler (`sample`) -> BridgeFlow -> model -> checks. The loss and the
+sampler sit right after the math they use, before any model code; neither needs it read.
 
 Notation (stated once; everything below uses the left column)
   this file            paper (Eq. 2-4)                 Pyramid Flow code
@@ -240,108 +241,6 @@ def renoise(e, a, z):
     return c * up(e) + (1 - c * a) * block_detail(z)
 
 
-def to_blocks(x):
-    """(B,C,2h,2w) -> (B,h,w,4C): each 2x2xC block as one vector."""
-    return F.pixel_unshuffle(x, 2).permute(0, 2, 3, 1)
-
-
-def from_blocks(b):
-    """(B,h,w,4C) -> (B,C,2h,2w), inverse of to_blocks."""
-    return F.pixel_shuffle(b.permute(0, 3, 1, 2), 2)
-
-
-class BridgeFlow(nn.Module):
-    """BridgeFlow (CVPR version): one learnable linear map per jump k-1 -> k,
-
-        start_k = from_blocks( W e + b + G xi ),   xi ~ N(0, I) fresh, per 2x2 block,
-
-    acting per low-resolution cell: W (4C x C) spreads the cell's C values over its 2x2xC
-    block, b (4C) is a bias, G (4C x 4C) shapes fresh noise. The paper leaves open how a
-    linear map supplies the high-frequency noise stage k was trained on: a map of Up(e)
-    alone cannot (Up(e) is constant on blocks). Our design feeds it fresh noise xi.
-
-    Pre-training objective (MSE, on coupled pairs from `bridge_pairs`):
-        min_{W, b, V}  E || T - (W e + b + V xi) ||^2
-    where T is stage k's training start built from the SAME data and noise as e, its
-    high-frequency part drawn from xi. The map is linear, so `fit` solves this least-squares
-    problem exactly (normal equations) instead of by gradient steps. Then
-        G = (V V^T + Sigma_res)^(1/2),  Sigma_res = covariance of the residual,
-    so Cov(output) = W Cov(e) W^T + V V^T + Sigma_res = Cov(T): what BridgeFlow hands stage k
-    has the mean and covariance of what stage k saw in training, by construction.
-    With pairs from the data the optimum is exactly `renoise` (test_nami checks this); fit
-    on the model's own stage-(k-1) end points it also learns to correct their bias.
-    Initialised to the renoise solution, so an unfitted bridge is already correct.
-    """
-
-    def __init__(self, channels, bounds):
-        super().__init__()
-        C, K = channels, len(bounds)
-        self.W = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C, C))
-        self.b = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C))
-        self.G = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C, 4 * C))
-        eye = torch.eye(C)
-        P = torch.eye(4) - 0.25                           # block-detail projector on 4 positions
-        for j in range(K - 1):                            # jump j+1 -> j+2
-            a = 1 - bounds[j][1]
-            c = 1.0 / (2.0 - a)
-            with torch.no_grad():                         # channel-major block layout (pixel_unshuffle)
-                self.W[j] = c * torch.kron(eye, torch.ones(4, 1))
-                self.G[j] = (1 - c * a) * torch.kron(eye, P)
-
-    def forward(self, e, k, xi):
-        """e: (B,C,h,w) end of stage k-1; xi: (B,C,2h,2w) unit noise -> (B,C,2h,2w) start of stage k."""
-        j = k - 2
-        cells = e.permute(0, 2, 3, 1)                     # (B, h, w, C)
-        out = cells @ self.W[j].T + self.b[j] + to_blocks(xi) @ self.G[j].T
-        return from_blocks(out)
-
-    @torch.no_grad()
-    def fit(self, k, pairs):
-        """Least-squares pre-training of jump k-1 -> k on an iterable of (e, xi, T) batches
-        (shapes (B,C,h,w), (B,C,2h,2w), (B,C,2h,2w)); float64 normal equations, streamed."""
-        j, C = k - 2, self.W.shape[-1]
-        A = B = TT = None
-        n = 0
-        for e, xi, T in pairs:
-            X = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, C), to_blocks(xi).reshape(-1, 4 * C),
-                           torch.ones(e.numel() // C, 1, device=e.device)], 1).double()
-            Y = to_blocks(T).reshape(-1, 4 * C).double()
-            A = X.T @ X if A is None else A + X.T @ X
-            B = X.T @ Y if B is None else B + X.T @ Y
-            TT = Y.T @ Y if TT is None else TT + Y.T @ Y
-            n += len(X)
-        coef = torch.linalg.solve(A, B)                   # (5C+1, 4C): [W^T; V^T; b]
-        res = (TT - coef.T @ A @ coef) / n                # E[residual residual^T]
-        W, V, b = coef[:C].T, coef[C:5 * C].T, coef[-1]
-        evals, evecs = torch.linalg.eigh(V @ V.T + (res + res.T) / 2)
-        G = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T  # symmetric square root
-        self.W[j].copy_(W)
-        self.b[j].copy_(b)
-        self.G[j].copy_(G)
-        return float(torch.diagonal(res).mean())          # the fitted MSE per element
-
-
-def bridge_pairs(x, k, bounds, generator=None, stage_end=None):
-    """One batch of BridgeFlow pre-training pairs (e, xi, T) for the jump k-1 -> k.
-
-    x: data at stage-k resolution (B,C,H,W). With m unit noise at stage k-1 and xi fresh:
-      e = (1-e_{k-1}) Down(x) + e_{k-1} m           (stage k-1's training end point)
-      T = (1-s_k) Up(Down(x)) + s_k n,  n = Up(m)/2 + (xi - Up(Down xi))
-    n is i.i.d. unit noise whose block means are m/2: the coupling that makes T a function
-    of (e, xi). stage_end(start, k-1), if given, replaces e by the model's own end point,
-    sampled from stage k-1's training start built from the same Down(x) and m.
-    """
-    (s0, e0), (s1, _) = bounds[k - 2], bounds[k - 1]
-    lo = down(x)
-    m = torch.randn(lo.shape, generator=generator, device=x.device, dtype=x.dtype)
-    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    e = (1 - e0) * lo + e0 * m
-    if stage_end is not None:
-        e = stage_end((1 - s0) * up(down(lo)) + s0 * m, k - 1)
-    T = (1 - s1) * up(lo) + s1 * (up(m) / 2 + block_detail(xi))
-    return e, xi, T
-
-
 # -----------------------------------------------------------------------------
 # Text conditioning travels as one small tuple.
 
@@ -499,6 +398,112 @@ def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transiti
             x = x + (sg_next - sg) * v.to(x.dtype)
         ends.append(x)
     return x, ends
+
+
+# -----------------------------------------------------------------------------
+# BridgeFlow (CVPR version): the learnable alternative to renoise at each jump point.
+
+
+def to_blocks(x):
+    """(B,C,2h,2w) -> (B,h,w,4C): each 2x2xC block as one vector."""
+    return F.pixel_unshuffle(x, 2).permute(0, 2, 3, 1)
+
+
+def from_blocks(b):
+    """(B,h,w,4C) -> (B,C,2h,2w), inverse of to_blocks."""
+    return F.pixel_shuffle(b.permute(0, 3, 1, 2), 2)
+
+
+class BridgeFlow(nn.Module):
+    """BridgeFlow (CVPR version): one learnable linear map per jump k-1 -> k,
+
+        start_k = from_blocks( W e + b + G xi ),   xi ~ N(0, I) fresh, per 2x2 block,
+
+    acting per low-resolution cell: W (4C x C) spreads the cell's C values over its 2x2xC
+    block, b (4C) is a bias, G (4C x 4C) shapes fresh noise. The paper leaves open how a
+    linear map supplies the high-frequency noise stage k was trained on: a map of Up(e)
+    alone cannot (Up(e) is constant on blocks). Our design feeds it fresh noise xi.
+
+    Pre-training objective (MSE, on coupled pairs from `bridge_pairs`):
+        min_{W, b, V}  E || T - (W e + b + V xi) ||^2
+    where T is stage k's training start built from the SAME data and noise as e, its
+    high-frequency part drawn from xi. The map is linear, so `fit` solves this least-squares
+    problem exactly (normal equations) instead of by gradient steps. Then
+        G = (V V^T + Sigma_res)^(1/2),  Sigma_res = covariance of the residual,
+    so Cov(output) = W Cov(e) W^T + V V^T + Sigma_res = Cov(T): what BridgeFlow hands stage k
+    has the mean and covariance of what stage k saw in training, by construction.
+    With pairs from the data the optimum is exactly `renoise` (test_nami checks this); fit
+    on the model's own stage-(k-1) end points it also learns to correct their bias.
+    Initialised to the renoise solution, so an unfitted bridge is already correct.
+    """
+
+    def __init__(self, channels, bounds):
+        super().__init__()
+        C, K = channels, len(bounds)
+        self.W = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C, C))
+        self.b = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C))
+        self.G = nn.Parameter(torch.zeros(max(K - 1, 0), 4 * C, 4 * C))
+        eye = torch.eye(C)
+        P = torch.eye(4) - 0.25                           # block-detail projector on 4 positions
+        for j in range(K - 1):                            # jump j+1 -> j+2
+            a = 1 - bounds[j][1]
+            c = 1.0 / (2.0 - a)
+            with torch.no_grad():                         # channel-major block layout (pixel_unshuffle)
+                self.W[j] = c * torch.kron(eye, torch.ones(4, 1))
+                self.G[j] = (1 - c * a) * torch.kron(eye, P)
+
+    def forward(self, e, k, xi):
+        """e: (B,C,h,w) end of stage k-1; xi: (B,C,2h,2w) unit noise -> (B,C,2h,2w) start of stage k."""
+        j = k - 2
+        cells = e.permute(0, 2, 3, 1)                     # (B, h, w, C)
+        out = cells @ self.W[j].T + self.b[j] + to_blocks(xi) @ self.G[j].T
+        return from_blocks(out)
+
+    @torch.no_grad()
+    def fit(self, k, pairs):
+        """Least-squares pre-training of jump k-1 -> k on an iterable of (e, xi, T) batches
+        (shapes (B,C,h,w), (B,C,2h,2w), (B,C,2h,2w)); float64 normal equations, streamed."""
+        j, C = k - 2, self.W.shape[-1]
+        A = B = TT = None
+        n = 0
+        for e, xi, T in pairs:
+            X = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, C), to_blocks(xi).reshape(-1, 4 * C),
+                           torch.ones(e.numel() // C, 1, device=e.device)], 1).double()
+            Y = to_blocks(T).reshape(-1, 4 * C).double()
+            A = X.T @ X if A is None else A + X.T @ X
+            B = X.T @ Y if B is None else B + X.T @ Y
+            TT = Y.T @ Y if TT is None else TT + Y.T @ Y
+            n += len(X)
+        coef = torch.linalg.solve(A, B)                   # (5C+1, 4C): [W^T; V^T; b]
+        res = (TT - coef.T @ A @ coef) / n                # E[residual residual^T]
+        W, V, b = coef[:C].T, coef[C:5 * C].T, coef[-1]
+        evals, evecs = torch.linalg.eigh(V @ V.T + (res + res.T) / 2)
+        G = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T  # symmetric square root
+        self.W[j].copy_(W)
+        self.b[j].copy_(b)
+        self.G[j].copy_(G)
+        return float(torch.diagonal(res).mean())          # the fitted MSE per element
+
+
+def bridge_pairs(x, k, bounds, generator=None, stage_end=None):
+    """One batch of BridgeFlow pre-training pairs (e, xi, T) for the jump k-1 -> k.
+
+    x: data at stage-k resolution (B,C,H,W). With m unit noise at stage k-1 and xi fresh:
+      e = (1-e_{k-1}) Down(x) + e_{k-1} m           (stage k-1's training end point)
+      T = (1-s_k) Up(Down(x)) + s_k n,  n = Up(m)/2 + (xi - Up(Down xi))
+    n is i.i.d. unit noise whose block means are m/2: the coupling that makes T a function
+    of (e, xi). stage_end(start, k-1), if given, replaces e by the model's own end point,
+    sampled from stage k-1's training start built from the same Down(x) and m.
+    """
+    (s0, e0), (s1, _) = bounds[k - 2], bounds[k - 1]
+    lo = down(x)
+    m = torch.randn(lo.shape, generator=generator, device=x.device, dtype=x.dtype)
+    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    e = (1 - e0) * lo + e0 * m
+    if stage_end is not None:
+        e = stage_end((1 - s0) * up(down(lo)) + s0 * m, k - 1)
+    T = (1 - s1) * up(lo) + s1 * (up(m) / 2 + block_detail(xi))
+    return e, xi, T
 
 
 # -----------------------------------------------------------------------------

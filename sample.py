@@ -122,9 +122,15 @@ def read_prompts(path):
 
 
 def parse_steps(s, K):
+    """Euler steps per window for K windows: "10,10,10", or "10" for 10 in each. A K = 1
+    (uniform baseline) model takes the sum of several counts: the same total as NAMI's."""
     steps = tuple(int(v) for v in str(s).split(","))
-    if len(steps) == 1 and K > 1:
+    if len(steps) == 1:
         steps = steps * K                                 # "10" = 10 per window
+    elif K == 1:
+        steps = (sum(steps),)
+    if len(steps) != K:
+        raise ValueError(f"steps {s} needs one count per window (K = {K})")
     if any(v < 1 for v in steps):
         raise ValueError(f"--steps needs positive counts, got {s}")
     return steps

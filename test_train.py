@@ -186,7 +186,7 @@ def test_baseline_and_piecewise_runs_finish(tmp_path):
     meta = json.load(open(os.path.join(run, "config.json")))
     assert meta["model"]["stage_layers"] == [6] and os.path.isfile(os.path.join(run, "samples.png"))
     assert all(r["ratios"] == [1] for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
-    assert train.sample_steps(train.parse_args(["--sample-steps", "2,3,4"])[0], sample.load(run)[0].cfg) == (9,)
+    assert sample.parse_steps("2,3,4", sample.load(run)[0].cfg.K) == (9,)
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "pw", "--steps", "2", "--no-nested"])
     assert json.load(open(os.path.join(run, "config.json")))["model"]["nested"] is False
     with pytest.raises(ValueError, match="one count per window"):

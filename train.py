@@ -278,7 +278,7 @@ def dry_run(cfg, a, ranks):
         f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))
         print(f"  stage {k}: {r}x{r} cells, {(r // cfg.patch) ** 2} image tokens, {cfg.stage_depth(k)} blocks: "
               f"{f / 1e9:,.1f} GFLOP forward, {3 * f / 1e9:,.1f} GFLOP train step per image")
-    steps = sample_steps(a, cfg)
+    steps = parse_steps(a.sample_steps, cfg.K)
     nf = nami.sampling_flops(cfg, steps, cfg_scale=a.cfg)
     bf = nami.sampling_flops(cfg, sum(steps), "baseline", cfg_scale=a.cfg)
     print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
@@ -349,29 +349,16 @@ def settle_args(a, given):
         with open(path) as f:
             meta = json.load(f)
         a = argparse.Namespace(**{**meta["args"], "stop_at": None, **given})
-        if "steps" in given and "minutes" not in given:   # --steps N goes on to step N, past a used-up budget
-            a.minutes = None
-        return a, meta
-    defaults = dict(TRAIN[a.preset])
-    if a.steps is not None:                               # an explicit step count beats a time budget
-        defaults.pop("minutes", None)
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
-        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
-    return a, None
-
-
-def sample_steps(a, cfg):
-    """--sample-steps as Euler steps per window; a K = 1 baseline gets their sum (30 for
-    10,10,10), so its samples cost the same number of steps as NAMI's."""
-    steps = parse_steps(a.sample_steps, cfg.K)
-    if cfg.K == 1:
-        return (sum(steps),)
-    if len(steps) != cfg.K:
-        raise ValueError(f"--sample-steps {a.sample_steps} needs one count per window (K = {cfg.K})")
-    return steps
+    else:
+        meta = None
+        for k, v in TRAIN[a.preset].items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        if a.dtype is None:                               # CPUs without bf16 matrix units run bf16 slower
+            a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
+    if "steps" in given and "minutes" not in given:       # an explicit step count beats a time budget,
+        a.minutes = None                                  # the preset's or a resumed run's used-up one
+    return a, meta
 
 
 def step_seed(*parts):
@@ -397,7 +384,8 @@ def build_config(a):
 def main(argv=None):
     a, meta = settle_args(*parse_args(argv))
     cfg = config_from_json(meta["model"]) if meta else build_config(a)
-    sample_steps(a, cfg), phase(0.0, cfg.K)               # bad steps or ratios fail now, not after training
+    parse_steps(a.sample_steps, cfg.K)                    # bad --sample-steps or stage ratios fail
+    phase(0.0, cfg.K)                                     # now, not after training
 
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
@@ -541,7 +529,7 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
     previous window (sampled from training starts of real data), then store it in the EMA."""
     dev = torch.device(a.device)
     m = ema_model(cfg, ema, dev)
-    bounds, steps = nami.window_bounds(cfg.windows), sample_steps(a, cfg)
+    bounds, steps = nami.window_bounds(cfg.windows), parse_steps(a.sample_steps, cfg.K)
     g = torch.Generator(dev).manual_seed(a.seed + 1)
 
     def stage_end(start, k):                              # run window k of the sampler from `start`
@@ -570,7 +558,7 @@ def sample_grid(cfg, ema, a, enc, vae, run):
     """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
     m = ema_model(cfg, ema, a.device)
     prompts = SHAPES_PROMPTS if a.data == "shapes" else ["a photo"] * 8
-    steps = sample_steps(a, cfg)
+    steps = parse_steps(a.sample_steps, cfg.K)
     images, ends = generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
                             a.transition, "nami", 64, vae, a.dtype)
     scale = max(1, 96 // images.shape[1])

@@ -6,6 +6,7 @@ strip (the paper's Figure 3), or the shapes-world evaluation (GenEval-style accu
   python sample.py --ckpt out/tiny --prompt "a red circle above a white square" --stages --n 4
   python sample.py --ckpt out/tiny --prompts-file prompts.txt --out samples/   # 0000.png ... + grid.png
   python sample.py --ckpt out/tiny --eval              # one JSON line: accuracy per category
+  python sample.py --ckpt out/tiny --stage-check       # which stage loses accuracy (see stage_check)
   python sample.py --preset 2b --random-weights ...    # untrained weights: checks the whole path
 
 Steps are per window (`--steps 10,10,10`); `--transition bridge` uses the run's fitted
@@ -90,6 +91,32 @@ def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="reno
     return np.concatenate(out), ends
 
 
+@torch.no_grad()
+def stage_check(model, enc, steps, cfg_scale=1.0, seed=0, n=120, transition="renoise"):
+    """Which stage loses accuracy? Single-object accuracy per shape when sampling starts in
+    window k (k = 1..K) from real shapes-world renders noised to that window's start, the
+    state stage k trains from: (1-s_k) Up(Down(x_k)) + s_k noise. Window 1 is the plain
+    sampler; a drop from window k+1 to window k means stage k does not settle what it should."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    rng, g = np.random.default_rng(seed), torch.Generator(dev).manual_seed(seed)
+    captions, objects = zip(*(shapes.sample_scene(rng, "single") for _ in range(n)))
+    x = data.to_tensor(np.stack([shapes.render(o) for o in objects])).to(dev)
+    text, uncond = encode_text(enc, captions, dev), encode_text(enc, [""] * n, dev)
+    result = {}
+    for k, (s, e) in enumerate(nami.window_bounds(cfg.windows), 1):
+        xk = nami.down(x, 2 ** (cfg.K - k))                                   # (n, 3, R_k, R_k)
+        noise = torch.randn(xk.shape, generator=g, device=dev)
+        start = nami.training_point(xk, noise, (s, e), torch.zeros(n, device=dev))[0]
+        out, _ = nami.sample(model, text, uncond, steps[k - 1:], cfg_scale, transition, generator=g,
+                             noise=start, first=k)
+        ok = {}
+        for caption, image in zip(captions, data.to_uint8(out)):
+            ok.setdefault(caption.split()[-1], []).append(shapes.score(caption, image)["single"])
+        result[f"from_window_{k}"] = {**{sh: round(float(np.mean(ok.get(sh, [np.nan]))), 3) for sh in shapes.SHAPES},
+                                      "all": round(float(np.mean([v for vs in ok.values() for v in vs])), 3)}
+    return result
+
+
 def grid(images, ncol, scale=1):
     """uint8 (N,H,W,3) -> one uint8 image, ncol per row, 1 px gaps, upscaled `scale`x."""
     N, H, W, _ = images.shape
@@ -153,6 +180,9 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image + grid.png")
     p.add_argument("--stages", action="store_true", help="add each window's end point, upsampled (coarse to fine)")
     p.add_argument("--eval", action="store_true", help="score the shapes-world evaluation prompts, print JSON")
+    p.add_argument("--stage-check", action="store_true",
+                   help="shapes world: single-object accuracy when sampling starts in window k from real "
+                        "images noised to its start, for every k (which stage loses accuracy), print JSON")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -182,9 +212,15 @@ def main(argv=None):
     transition = a.transition or meta.get("sample", {}).get("transition", "renoise")
     enc, vae = load_encoders(cfg, a.device)
 
+    if (a.eval or a.stage_check) and (cfg.channels, cfg.resolution) != (3, 32):
+        sys.exit("--eval and --stage-check score the 32x32 shapes world: they need a pixel-space 32x32 model")
+    if a.stage_check:
+        if a.variant != "nami":
+            p.error("--stage-check walks NAMI's windows: drop --variant")
+        result = stage_check(model, enc, steps, cfg_scale, a.seed, transition=transition)
+        print(json.dumps(result))
+        return result
     if a.eval:
-        if (cfg.channels, cfg.resolution) != (3, 32):
-            sys.exit("--eval scores the 32x32 shapes world: it needs a pixel-space 32x32 model")
         prompts = [q for q in shapes.eval_prompts() for _ in range(a.n)]
         t0 = time.perf_counter()
         images, _ = generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,

@@ -330,7 +330,7 @@ WINDOWS3 = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]
 @pytest.mark.parametrize("steps", [(1, 1, 1), (2, 3, 5), (10, 10, 10)])
 @pytest.mark.parametrize("shift", [False, True])
 def test_oracle_sampler_lands_on_the_data_point(transition, steps, shift):
-    cfg = nami.preset("tiny", time_shift=shift)
+    cfg = nami.preset("tiny", windows=(1, 1, 1), time_shift=shift)   # the windows WINDOWS3 writes out
     g = torch.Generator().manual_seed(0)
     x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
     oracle = Oracle(cfg, x_star, WINDOWS3, fitted_bridge().double() if transition == "bridge" else None)
@@ -339,6 +339,24 @@ def test_oracle_sampler_lands_on_the_data_point(transition, steps, shift):
     assert [t.shape[-1] for t in ends] == [8, 16, 32]
     # stage k was evaluated steps[k] times, at its resolution, with its nested depth 2/4/6
     assert oracle.calls == [(1, 2, 8)] * steps[0] + [(2, 4, 16)] * steps[1] + [(3, 6, 32)] * steps[2]
+
+
+def test_sampler_can_start_in_a_later_window():
+    # first=k runs windows k..K from the given start state (sample.py --stage-check uses it)
+    cfg = nami.preset("tiny", windows=(1, 1, 1))
+    g = torch.Generator().manual_seed(2)
+    x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    for first in (2, 3):
+        oracle = Oracle(cfg, x_star, WINDOWS3)
+        size = 32 >> (3 - first)
+        start = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+        out, ends = nami.sample(oracle, text(2), steps=(3, 4, 5)[first - 1:], generator=g, noise=start, first=first)
+        assert (out - x_star).abs().max() < 1e-4 and len(ends) == 4 - first
+        assert oracle.calls == [(k, 2 * k, 32 >> (3 - k)) for k in range(first, 4) for _ in range((3, 4, 5)[k - 1])]
+    with pytest.raises(ValueError, match=r"numbered 1\.\.3"):
+        nami.sample(oracle, text(2), steps=(1,), noise=start, first=4)
+    with pytest.raises(ValueError, match="start state"):
+        nami.sample(oracle, text(2), steps=(1, 1), first=2)
 
 
 @pytest.mark.parametrize("steps", [1, 7, 30])

@@ -17,7 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+import nami
 import sample
+import shapes
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,6 +125,28 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(runs, tmp_path):
     assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
     assert Image.open(out / "0000.png").size == (32, 32)
     assert (out / "grid.txt").read_text().splitlines() == prompts.read_text().splitlines()
+
+
+def test_stage_check_with_an_oracle_gets_everything_right(runs, capsys):
+    # An oracle that knows the very renders stage_check draws (same seed) must score 1 from
+    # every window's start: captions, renders, start states and windows all line up.
+    from test_nami import Oracle
+
+    class NoText:
+        def encode(self, captions):
+            n = len(captions)
+            return torch.zeros(n, 2, 384), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 384)
+
+    cfg, n = nami.preset("tiny"), 30
+    rng = np.random.default_rng(0)
+    renders = [shapes.render(o) for _, o in (shapes.sample_scene(rng, "single") for _ in range(n))]
+    oracle = Oracle(cfg, data.to_tensor(np.stack(renders)), nami.window_bounds(cfg.windows))
+    result = sample.stage_check(oracle, NoText(), (2, 2, 2), seed=0, n=n)
+    assert result == {f"from_window_{k}": {"circle": 1.0, "square": 1.0, "triangle": 1.0, "all": 1.0} for k in (1, 2, 3)}
+    # and the command line, on a trained (miniature) run
+    result = sample.main(["--ckpt", runs[0], "--stage-check", "--steps", "1,1,1"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == result and all(0 <= v["all"] <= 1 for v in line.values()) and len(line) == 3
 
 
 def test_sample_eval_prints_scores(runs, capsys):

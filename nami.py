@@ -374,9 +374,11 @@ def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transiti
         raise ValueError(f"first={first}: windows are numbered 1..{len(plan)} for {variant}")
     plan = plan[first - 1:]
     steps = (steps,) if isinstance(steps, int) else tuple(steps)
-    if len(steps) != len(plan) or (first > 1 and noise is None):
-        raise ValueError(f"steps {steps} needs one count per window ({len(plan)} for {variant} from window "
-                         f"{first}); starting after window 1 needs the start state as `noise`")
+    if len(steps) != len(plan):
+        raise ValueError(f"steps {steps} needs one count per window ({len(plan)} for {variant}"
+                         + (f" from window {first})" if first > 1 else ")"))
+    if first > 1 and noise is None:
+        raise ValueError(f"starting in window {first} needs its start state as `noise`")
     if transition not in ("renoise", "bridge"):
         raise ValueError(f"transition must be renoise or bridge, not {transition!r}")
     R = resolution or cfg.resolution

@@ -334,8 +334,12 @@ def test_oracle_sampler_lands_on_the_data_point(transition, steps, shift):
     g = torch.Generator().manual_seed(0)
     x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
     oracle = Oracle(cfg, x_star, WINDOWS3, fitted_bridge().double() if transition == "bridge" else None)
-    out, ends = nami.sample(oracle, text(2), steps=steps, transition=transition, generator=g)
+    noise = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    out, ends = nami.sample(oracle, text(2), steps=steps, transition=transition, generator=g, noise=noise)
     assert (out - x_star).abs().max() < 1e-4
+    # Euler keeps (x - P(sigma)) / sigma fixed on this field, so window 1 (from pure noise)
+    # must end exactly at (1 - e_1) x_1 + e_1 noise: the sampler used the windows written above
+    assert torch.allclose(ends[0], (1 / 3) * pool2(pool2(x_star)) + (2 / 3) * noise, atol=1e-6)
     assert [t.shape[-1] for t in ends] == [8, 16, 32]
     # stage k was evaluated steps[k] times, at its resolution, with its nested depth 2/4/6
     assert oracle.calls == [(1, 2, 8)] * steps[0] + [(2, 4, 16)] * steps[1] + [(3, 6, 32)] * steps[2]

@@ -358,21 +358,23 @@ def guided_velocity(model, x, sigma, text, uncond=None, scale=1.0, stage=None, d
 
 @torch.no_grad()
 def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transition="renoise",
-           variant="nami", resolution=None, generator=None, noise=None, first=1):
+           variant="nami", resolution=None, generator=None, noise=None, first=1, last=None):
     """Generate B images for the B prompts in `text` (uncond: the empty prompt, for CFG).
 
     steps: Euler steps per window (len K; one number for the baseline). transition:
     "renoise" or "bridge" (model.bridge). resolution: final size (default cfg.resolution).
-    first: the window to start in, from `noise` = a state at that window's start (a check:
-    real data noised to window k's start shows what windows k..K do on their own).
+    first, last: run only windows first..last, from `noise` = a state at window `first`'s
+    start (real data noised to window k's start shows what stages k..K do on their own;
+    BridgeFlow is fitted on the end points of single windows).
     Returns (images (B,C,R,R), [end point of each window run]) - the coarse-to-fine picture.
     The baseline variant with a K = 1 model is the plain uniform rectified-flow sampler.
     """
     cfg = model.cfg
     plan = stage_plan(cfg, variant)
-    if not 1 <= first <= len(plan):
-        raise ValueError(f"first={first}: windows are numbered 1..{len(plan)} for {variant}")
-    plan = plan[first - 1:]
+    last = last or len(plan)
+    if not 1 <= first <= last <= len(plan):
+        raise ValueError(f"windows {first}..{last}: they are numbered 1..{len(plan)} for {variant}")
+    plan = plan[first - 1: last]
     steps = (steps,) if isinstance(steps, int) else tuple(steps)
     if len(steps) != len(plan):
         raise ValueError(f"steps {steps} needs one count per window ({len(plan)} for {variant}"

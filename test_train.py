@@ -218,6 +218,15 @@ def test_baseline_and_piecewise_runs_finish(tmp_path):
         train.main(MINI + ["--out", str(tmp_path), "--steps", "2", "--sample-steps", "4,4"])
 
 
+def test_bridge_run_fits_every_jump_on_the_models_end_points(tmp_path, capsys):
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "br", "--steps", "2", "--transition", "bridge"])
+    assert re.findall(r"BridgeFlow jump (\d)->(\d)", capsys.readouterr().out) == [("1", "2"), ("2", "3")]
+    model, meta = sample.load(run)
+    fresh = nami.BridgeFlow(3, nami.window_bounds(model.cfg.windows))   # initialised to renoise
+    assert meta["sample"]["transition"] == "bridge"
+    assert not torch.allclose(model.bridge.b, fresh.b)     # fitted, and saved with the EMA weights
+
+
 def test_resume_a_time_budgeted_run_with_more_steps(tmp_path):
     # the tiny preset trains on a wall-clock budget; --resume RUN --steps N must go on to step N
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "budget", "--minutes", "0.001"])

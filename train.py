@@ -532,13 +532,8 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
     bounds, steps = nami.window_bounds(cfg.windows), parse_steps(a.sample_steps, cfg.K)
     g = torch.Generator(dev).manual_seed(a.seed + 1)
 
-    def stage_end(start, k):                              # run window k of the sampler from `start`
-        s, e = bounds[k - 1]
-        sig = torch.linspace(s, e, steps[k - 1] + 1).tolist()
-        x, text = start, stage_end.text
-        for s0, s1 in zip(sig[:-1], sig[1:]):
-            x = x + (s1 - s0) * m(x, torch.full((len(x),), s0, device=dev), text, stage=k)
-        return x
+    def stage_end(start, k):                              # window k of the sampler, from `start`
+        return nami.sample(m, stage_end.text, steps=steps[k - 1: k], noise=start, first=k, last=k)[0]
 
     with torch.no_grad():
         for k in range(2, cfg.K + 1):

@@ -114,12 +114,14 @@ class Config:
 # single blocks (15 d^2 parameters each vs 36 d^2).
 PRESETS = {
     # Trains on 2 CPU cores in minutes on the shapes world (pixels, stages 8/16/32 = 4/16/64
-    # tokens). Sized for images per CPU minute (README): width 256 or patch 2 cost 2.7x / 1.8x
-    # more per training step, so they see that many fewer images in the same 15 minutes.
-    # Windows 2:1:1 give the cheap 8x8 layout stage half the flow (sigma 1 -> 0.5): it beat
-    # 1:1:1 and 1:1:2 in every equal-time ablation we ran (README).
-    "tiny": dict(resolution=32, channels=3, patch=4, width=128, heads=2, double=2,
-                 stage_layers=(2, 2, 2), windows=(2, 1, 1)),
+    # tokens). Tuned for accuracy per CPU minute (README's record): width 256 or patch 2 cost
+    # 2.7x / 1.8x more per step, so they see that many fewer images in 15 minutes. All six
+    # blocks are double-stream (SD3-style MM-DiT): at width 128, separate text and image
+    # weights (more parameters, the same FLOPs per token) was the largest single gain we
+    # measured. MLP ratio 2 buys 25% more steps at no loss. Windows 2:1:1 give the cheap 8x8
+    # layout stage half the flow (sigma 1 -> 0.5): it beat 1:1:1 and 1:1:2 in equal-time runs.
+    "tiny": dict(resolution=32, channels=3, patch=4, width=128, heads=4, double=6,
+                 stage_layers=(2, 2, 2), windows=(2, 1, 1), mlp_ratio=2.0),
     # CIFAR-size, DiT-S-like width/depth/heads (384/12/6) with the 0.6b layer ratio.
     "cifar": dict(resolution=32, channels=3, patch=2, width=384, heads=6, double=3,
                   stage_layers=(5, 4, 3)),
@@ -588,21 +590,26 @@ class MLP(nn.Sequential):
 
 class DoubleBlock(nn.Module):
     """MM-DiT block: separate weights for the image and text streams, one joint attention.
-    Parameters ~ 36 d^2 (two streams x (qkv 3 + proj 1 + mlp 8 + modulation 6) d^2)."""
+    Parameters ~ 36 d^2 (two streams x (qkv 3 + proj 1 + mlp 8 + modulation 6) d^2).
+    text_out=False for the top block of an all-double stack (SD3's "context_pre_only"):
+    nothing reads the text after it, so its text stream stops after attention. Kept, those
+    weights would never get a gradient (DDP stalls on them, FSDP cannot checkpoint them)."""
 
-    def __init__(self, d, heads, mlp_ratio):
+    def __init__(self, d, heads, mlp_ratio, text_out=True):
         super().__init__()
-        self.heads, hidden = heads, int(d * mlp_ratio)
+        self.heads, hidden, self.text_out = heads, int(d * mlp_ratio), text_out
         for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", nn.Linear(d, 6 * d))
+            full = s == "img" or text_out     # else only (shift, scale) to feed attention
+            setattr(self, f"{s}_mod", nn.Linear(d, (6 if full else 2) * d))
             setattr(self, f"{s}_qkv", nn.Linear(d, 3 * d))
             setattr(self, f"{s}_norm", QKNorm(d // heads))
-            setattr(self, f"{s}_proj", nn.Linear(d, d))
-            setattr(self, f"{s}_mlp", MLP(d, hidden, d))
+            if full:
+                setattr(self, f"{s}_proj", nn.Linear(d, d))
+                setattr(self, f"{s}_mlp", MLP(d, hidden, d))
 
     def forward(self, img, txt, vec, rot, mask):
         im = self.img_mod(F.silu(vec)).chunk(6, -1)
-        tm = self.txt_mod(F.silu(vec)).chunk(6, -1)
+        tm = self.txt_mod(F.silu(vec)).chunk(6 if self.text_out else 2, -1)
         qkv = []
         for s, x, m in (("txt", txt, tm), ("img", img, im)):
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[0], m[1])
@@ -612,11 +619,11 @@ class DoubleBlock(nn.Module):
         a = attention(q, k, v, rot, mask)
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
-        for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta)):
+        for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta))[: 2 if self.text_out else 1]:
             x = x + m[2][:, None] * getattr(self, f"{s}_proj")(att)
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[3], m[4])
             out.append(x + m[5][:, None] * getattr(self, f"{s}_mlp")(h))
-        return out
+        return out if self.text_out else (out[0], None)
 
 
 class SingleBlock(nn.Module):
@@ -676,7 +683,7 @@ class NAMI(nn.Module):
         self.time_in = MLP(256, d, d)
         self.vector_in = MLP(cfg.pooled_dim, d, d)
         self.blocks = nn.ModuleList(
-            [DoubleBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.double)]
+            [DoubleBlock(d, cfg.heads, cfg.mlp_ratio, text_out=i + 1 < cfg.depth) for i in range(cfg.double)]
             + [SingleBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth - cfg.double)])
         self.heads = nn.ModuleList([Head(d, cfg.channels * p * p) for _ in range(cfg.K)])
         self.bridge = BridgeFlow(cfg.channels, window_bounds(cfg.windows))
@@ -750,6 +757,8 @@ def forward_flops(cfg, tokens, depth, text_len=None):
     mac += dbl * (N * (4 * d * d + 2 * d * hid) + 2 * 6 * d * d)        # both streams, per token
     mac += sgl * (N * (d * (3 * d + hid) + (d + hid) * d) + 3 * d * d)
     mac += (dbl + sgl) * 2 * N * N * d                                   # attention
+    if dbl == cfg.depth:                                                # top block: no text proj/MLP
+        mac -= T * (d * d + 2 * d * hid) + 4 * d * d
     mac += 2 * d * d + tokens * d * pc                                  # exit head
     return 2 * mac
 

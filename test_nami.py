@@ -418,7 +418,7 @@ def test_nesting_runs_exactly_the_prefix(nested):
 
 
 def test_stages_share_parameters():
-    m = tiny_model()
+    m = tiny_model(double=2, mlp_ratio=4.0)
     n_params = sum(p.numel() for p in m.parameters())
     d, hid = 64, 256
     # the stack exists once: 2 double + 4 single blocks, not one copy per stage
@@ -564,6 +564,18 @@ def test_loss_trains_each_stage_with_its_own_depth():
     assert heads[0] > 0 and heads[1] == heads[2] == 0
 
 
+@pytest.mark.parametrize("name, double", [("tiny", 6), ("tiny", 2), ("cifar", 3)])
+def test_every_weight_takes_part_in_the_loss(name, double):
+    # DDP without an unused-parameter search, and FSDP's optimizer-state checkpoint, need every
+    # weight in the graph: a full text stream in an all-double stack's top block would feed nothing
+    m = nami.NAMI(nami.preset(name, width=32, heads=2, double=double))
+    loss, per, _ = nami.nami_loss(m, torch.randn(12, 3, 32, 32), text(12), (1, 1, 1),
+                                  generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None and not n.startswith("bridge.")]
+    assert set(per) == {1, 2, 3} and missing == []
+
+
 def test_loss_uses_native_resolution_only_downwards():
     m = nami.NAMI(nami.preset("tiny", width=64, heads=2))
     seen = []
@@ -587,7 +599,8 @@ def params_formula(cfg):
     head = lin(d, 2 * d) + lin(d, pc)
     emb = lin(pc, d) + lin(cfg.text_dim, d) + lin(256, d) + lin(d, d) + lin(cfg.pooled_dim, d) + lin(d, d)
     bridge = (cfg.K - 1) * (4 * cfg.channels * cfg.channels + 4 * cfg.channels + 16 * cfg.channels ** 2)
-    return emb + cfg.double * 2 * stream + (cfg.depth - cfg.double) * single + cfg.K * head + bridge
+    top = lin(d, d) + lin(d, hid) + lin(hid, d) + lin(d, 4 * d) if cfg.double == cfg.depth else 0  # text: no proj, MLP, 4 of 6 mods
+    return emb + cfg.double * 2 * stream - top + (cfg.depth - cfg.double) * single + cfg.K * head + bridge
 
 
 @pytest.mark.parametrize("name, nominal", [("tiny", None), ("cifar", None), ("0.6b", 0.6e9), ("2b", 2.0e9)])

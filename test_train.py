@@ -197,12 +197,24 @@ def test_dry_run_reports_2b(capsys):
     assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
 
 
-def test_learning_rate_schedule():
-    # warmup: linear from base/warmup; phases (train.PHASES): x1 until 80% of the run, then x0.5
-    lr = lambda step, p: train.learning_rate(1e-3, step, p, 100)
-    assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
-    assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
-    assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)
+def test_learning_rate_and_phase_schedule(runs):
+    # warmup: linear from base/warmup; both recipes: x1 until 80% of the run, then x0.5
+    for phases in ("paper", "tiny"):
+        lr = lambda step, p: train.learning_rate(1e-3, step, p, 100, phases)
+        assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
+        assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
+        assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)
+    # the paper's resolution ratios: 120k steps at 4:2:1, 80k at 2:4:1, 50k at 1:2:4 (250k)
+    ratios = lambda p, phases: train.phase(p, 3, phases)[0]
+    assert [ratios(s / 250, "paper") for s in (0, 119.9, 120, 199.9, 200, 249.9)] == \
+        [(4, 2, 1)] * 2 + [(2, 4, 1)] * 2 + [(1, 2, 4)] * 2
+    assert {ratios(p / 100, "tiny") for p in range(100)} == {(4, 8, 1)}
+    # a tiny run uses tiny's phases, and a resumed run keeps the phases it started with
+    log = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl"))]
+    assert all(r["ratios"] == [4, 8, 1] for r in log)
+    assert train.settle_args(*train.parse_args(["--resume", runs[1], "--steps", "9"]))[0].phases == "tiny"
+    assert train.settle_args(*train.parse_args(["--phases", "paper"]))[0].phases == "paper"
+    assert train.settle_args(*train.parse_args(["--preset", "cifar"]))[0].phases == "paper"
 
 
 def test_baseline_and_piecewise_runs_finish(tmp_path):

@@ -197,7 +197,7 @@ def test_dry_run_reports_2b(capsys):
     assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
 
 
-def test_learning_rate_and_phase_schedule(runs):
+def test_learning_rate_and_phase_schedule(runs, tmp_path):
     # warmup: linear from base/warmup; both recipes: x1 until 80% of the run, then x0.5
     for phases in ("paper", "tiny"):
         lr = lambda step, p: train.learning_rate(1e-3, step, p, 100, phases)
@@ -213,6 +213,12 @@ def test_learning_rate_and_phase_schedule(runs):
     log = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl"))]
     assert all(r["ratios"] == [4, 8, 1] for r in log)
     assert train.settle_args(*train.parse_args(["--resume", runs[1], "--steps", "9"]))[0].phases == "tiny"
+    meta = json.load(open(os.path.join(runs[1], "config.json")))   # a run saved before --phases existed
+    del meta["args"]["phases"]                                      # trained with the paper's phases
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(meta))
+    assert train.settle_args(*train.parse_args(["--resume", str(old)]))[0].phases == "paper"
     assert train.settle_args(*train.parse_args(["--phases", "paper"]))[0].phases == "paper"
     assert train.settle_args(*train.parse_args(["--preset", "cifar"]))[0].phases == "paper"
 

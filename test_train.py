@@ -154,8 +154,11 @@ def test_sample_eval_prints_scores(runs, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("single", "counting", "two_objects", "position", "attribution", "overall", "images_per_s"):
         assert key in line
-    assert 0 <= line["overall"] <= 1 and line["n_images"] == len(sample.shapes.eval_prompts())
+    assert 0 <= line["overall"] <= 1 and line["n_images"] == 4 * len(sample.shapes.eval_prompts())
     assert line["overall"] == pytest.approx(result["overall"], abs=1e-4)
+    with pytest.raises(SystemExit):                        # --n 0: a clear error, not the default
+        sample.main(["--ckpt", runs[0], "--eval", "--n", "0"])
+    assert "at least 1 image per prompt" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, runs):

@@ -524,12 +524,17 @@ def bridge_pairs(x, k, bounds, generator=None, stage_end=None):
 # Model: FLUX-style MM-DiT (double-stream then single-stream blocks) with per-stage exits.
 
 
-def timestep_embedding(sigma, dim=256, max_period=10000.0):
-    """Sinusoidal embedding of sigma * 1000 (FLUX/DiT convention). (B,) -> (B, dim)"""
+def sinusoidal(t, dim, max_period=10000.0):
+    """[cos, sin] of t at dim/2 geometric frequencies (Transformer positions). (N,) -> (N, dim)"""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device) / half)
-    args = 1000.0 * sigma.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+def timestep_embedding(sigma, dim=256):
+    """Sinusoidal embedding of sigma * 1000 (FLUX/DiT convention). (B,) -> (B, dim)"""
+    return sinusoidal(1000.0 * sigma, dim)
 
 
 def rope(h, w, stride, head_dim, theta, text_len, device):
@@ -560,7 +565,7 @@ def apply_rope(x, rot):
 def attention(q, k, v, rot, mask):
     """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rot: rotary factors
     for all N tokens; mask: (B,N) bool or None."""
-    q, k = apply_rope(torch.stack([q, k]), rot).unbind(0)
+    q, k = apply_rope(q, rot), apply_rope(k, rot)
     m = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     return out.transpose(1, 2).flatten(2)                  # (B, N, H*Dh)
@@ -614,8 +619,8 @@ class DoubleBlock(nn.Module):
         for s, x, m in (("txt", txt, tm), ("img", img, im)):
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[0], m[1])
             q, k, v = getattr(self, f"{s}_qkv")(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-            qkv.append(torch.stack([*getattr(self, f"{s}_norm")(q, k), v]))
-        q, k, v = torch.cat(qkv, 3)                       # (3, B, H, T + N, Dh): text first, then image
+            qkv.append((*getattr(self, f"{s}_norm")(q, k), v))
+        q, k, v = (torch.cat(t, 2) for t in zip(*qkv))    # each (B, H, T + N, Dh): text first, then image
         a = attention(q, k, v, rot, mask)
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
@@ -672,6 +677,11 @@ class NAMI(nn.Module):
     block L_k's output must both be read out as stage k's velocity and feed block L_k + 1
     at later stages; separate heads keep those two jobs apart. Patch embedding and the
     conditioning MLPs are shared. With K = 1 this is the uniform FLUX-style baseline.
+
+    Decision: text tokens get a sinusoidal position added after their projection. Their
+    rotary angle is 0 (as in FLUX), so without it joint attention sees the caption as a set
+    of tokens and word order survives only inside the encoder's states; T5 keeps it well,
+    a sentence encoder like MiniLM barely ("red" as subject vs object: cosine 0.94).
     """
 
     def __init__(self, cfg: Config):
@@ -721,7 +731,8 @@ class NAMI(nn.Module):
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {p}")
         h, w = H // p, W // p
         img = self.img_in(x.unflatten(2, (h, p)).unflatten(4, (w, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2))
-        txt = self.txt_in(text.tokens.to(img.dtype))                          # (B, T, d)
+        order = sinusoidal(torch.arange(text.tokens.shape[1], device=x.device), cfg.width)   # (T, d)
+        txt = self.txt_in(text.tokens.to(img.dtype)) + order.to(img.dtype)                   # (B, T, d)
         vec = self.time_in(timestep_embedding(sigma).to(img.dtype)) + self.vector_in(text.pooled.to(img.dtype))
         rot = rope(h, w, 2 ** (cfg.K - stage), cfg.width // cfg.heads, cfg.rope_theta, txt.shape[1], x.device)
         mask = None if text.mask is None else F.pad(text.mask, (0, h * w), value=True)

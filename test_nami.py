@@ -450,6 +450,20 @@ def test_padding_tokens_do_not_change_the_output():
     assert not torch.allclose(m(x, sg, t, stage=2), m(x, sg, unmasked, stage=2), atol=1e-3)
 
 
+def test_text_positions_make_word_order_visible():
+    # the Transformer's sinusoid: [cos(i w_j), sin(i w_j)], w_j = 10000^(-j / (d/2))
+    i, d = torch.tensor([0.0, 3.0]), 8
+    w = 10000.0 ** (-torch.arange(4) / 4)
+    assert torch.allclose(nami.sinusoidal(i, d), torch.cat([torch.cos(i[:, None] * w), torch.sin(i[:, None] * w)], 1))
+    # Text tokens carry no rotary phase, so joint attention alone sees them as a set; the
+    # position added to each token is what tells "a red circle above a blue square" from
+    # "a blue square above a red circle" when the encoder's states barely differ.
+    m, t = tiny_model(), text(1, T=6)
+    flipped = t._replace(tokens=t.tokens.flip(1))
+    x, sg = torch.randn(1, 3, 8, 8), torch.rand(1)
+    assert not torch.allclose(m(x, sg, t, stage=1), m(x, sg, flipped, stage=1), atol=1e-4)
+
+
 def test_cfg_scale_one_is_the_conditional_prediction():
     m = tiny_model()
     cond, unc = text(2, T=6, seed=1), text(2, T=2, seed=2)   # different lengths: padding inside cat

@@ -201,12 +201,15 @@ def test_dry_run_reports_2b(capsys):
 
 
 def test_learning_rate_and_phase_schedule(runs, tmp_path):
-    # warmup: linear from base/warmup; both recipes: x1 until 80% of the run, then x0.5
-    for phases in ("paper", "tiny"):
-        lr = lambda step, p: train.learning_rate(1e-3, step, p, 100, phases)
-        assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
-        assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
-        assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)
+    # warmup: linear from base/warmup; the paper's recipe: x1 until 80% of the run, then x0.5
+    lr = lambda step, p, phases="paper": train.learning_rate(1e-3, step, p, 100, phases)
+    assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
+    assert lr(500, 0.5) == pytest.approx(1e-3) and lr(500, 0.79) == pytest.approx(1e-3)
+    assert lr(500, 0.85) == pytest.approx(5e-4) and lr(99, 0.9) == pytest.approx(5e-4)
+    # tiny's: x1 until 70%, then linear to 0 at the end: 1e-3 * (1 - p) / 0.3
+    assert lr(0, 0.0, "tiny") == pytest.approx(1e-5) and lr(500, 0.69, "tiny") == pytest.approx(1e-3)
+    for p in (0.7, 0.8, 0.9, 0.99, 1.0):
+        assert lr(500, p, "tiny") == pytest.approx(1e-3 * (1 - p) / 0.3)
     # the paper's resolution ratios: 120k steps at 4:2:1, 80k at 2:4:1, 50k at 1:2:4 (250k)
     ratios = lambda p, phases: train.phase(p, 3, phases)[0]
     assert [ratios(s / 250, "paper") for s in (0, 119.9, 120, 199.9, 200, 249.9)] == \

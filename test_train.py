@@ -219,12 +219,16 @@ def test_learning_rate_and_phase_schedule(runs, tmp_path):
     log = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl"))]
     assert all(r["ratios"] == [4, 8, 1] for r in log)
     assert train.settle_args(*train.parse_args(["--resume", runs[1], "--steps", "9"]))[0].phases == "tiny"
-    meta = json.load(open(os.path.join(runs[1], "config.json")))   # a run saved before --phases existed
-    del meta["args"]["phases"]                                      # trained with the paper's phases
+    # AdamW's beta2 is the preset's (tiny: 0.95), reaches the optimizer, and survives a resume
+    assert [g["betas"] for g in state(runs[1])["optim"]["param_groups"]] == [(0.9, 0.95)]
+    assert train.settle_args(*train.parse_args(["--preset", "cifar"]))[0].beta2 == 0.99
+    meta = json.load(open(os.path.join(runs[1], "config.json")))   # a run saved before --phases and
+    del meta["args"]["phases"], meta["args"]["beta2"]               # --beta2: the paper's phases, 0.99
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps(meta))
-    assert train.settle_args(*train.parse_args(["--resume", str(old)]))[0].phases == "paper"
+    resumed = train.settle_args(*train.parse_args(["--resume", str(old)]))[0]
+    assert (resumed.phases, resumed.beta2) == ("paper", 0.99)
     assert train.settle_args(*train.parse_args(["--phases", "paper"]))[0].phases == "paper"
     assert train.settle_args(*train.parse_args(["--preset", "cifar"]))[0].phases == "paper"
 

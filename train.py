@@ -53,14 +53,16 @@ LOSS_EMA = 0.99           # smoothing of the per-stage losses behind the dynamic
 # reproducible instead. --dtype defaults to bf16 on GPUs, fp32 on CPUs.
 # tiny's batch 192: at its 4:8:1 mix most samples train the cheap 8/16 px stages, where a
 # CPU step is mostly per-operator overhead; 192 trains ~1.6x the images/s of 64 (README).
+# beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100) is
+# what lets it take lr 5e-3; either change alone gained nothing (README, 2026-11-30 rows).
 TRAIN = {
-    "tiny": dict(minutes=14.0, steps=None, batch_size=192, lr=3.5e-3, warmup=100, ema=0.995, cfg=3.0,
-                 sample_steps="10,10,10", phases="tiny"),
-    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, warmup=1000, ema=0.9999, cfg=2.0,
+    "tiny": dict(minutes=14.0, steps=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
+                 cfg=3.0, sample_steps="10,10,10", phases="tiny"),
+    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, beta2=0.99, warmup=1000, ema=0.9999, cfg=2.0,
                   sample_steps="10,10,10", phases="paper"),
-    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, cfg=4.0,
+    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
                  sample_steps="10,10,10", phases="paper"),
-    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, warmup=2000, ema=0.9999, cfg=4.0,
+    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
                sample_steps="10,10,10", phases="paper"),
 }
 SHAPES_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
@@ -322,6 +324,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch, over all ranks and accumulation")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float)
+    p.add_argument("--beta2", type=float, help="AdamW's second-moment decay (beta1 is 0.9)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--ema", type=float)
     p.add_argument("--phases", choices=list(PHASES), help="resolution ratios over the run (train.PHASES; default: the preset's)")
@@ -366,7 +369,7 @@ def settle_args(a, given):
                                     f"and state.pt; a run saves them every --save-every steps and on Ctrl-C)")
         with open(path) as f:
             meta = json.load(f)
-        a = argparse.Namespace(**{"phases": "paper", **meta["args"], "stop_at": None, **given})  # runs saved before --phases existed
+        a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})  # runs saved before --phases, --beta2
     else:
         meta = None
         for k, v in TRAIN[a.preset].items():
@@ -432,7 +435,7 @@ def main(argv=None):
     if a.data == "shapes":                                # its whole grammar, once: ~2 s
         enc.warm([""] + shapes.all_captions())
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),
                             weight_decay=0.0, fused=not a.fsdp)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}   # sharded like the model
     start, elapsed, loss_ema = 0, 0.0, [1.0] * cfg.K

@@ -42,9 +42,12 @@ def test_two_ddp_ranks_equal_one_process_on_the_global_batch(tmp_path):
     for a, b in zip(one, two):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b["stage_loss"] == pytest.approx(a["stage_loss"], rel=1e-5)
+    # The weights, to a twentieth of one AdamW step: Adam divides each gradient element by its
+    # own scale, so an element that is ~0 up to rounding (summed in another order over two
+    # ranks) can move by a good part of lr. Seen: 1e-4 at lr 5e-3 (4e-7 at lr 3.5e-3).
     wa, wb = weights(single), weights(str(tmp_path / "ddp"))
     for k in wa["model"]:
-        assert torch.allclose(wa["model"][k], wb["model"][k], atol=1e-6, rtol=1e-5), k
+        assert torch.allclose(wa["model"][k], wb["model"][k], atol=0.05 * train.TRAIN["tiny"]["lr"], rtol=0), k
 
 
 def test_distributed_run_resumes_where_it_stopped(tmp_path):

@@ -369,7 +369,8 @@ def settle_args(a, given):
                                     f"and state.pt; a run saves them every --save-every steps and on Ctrl-C)")
         with open(path) as f:
             meta = json.load(f)
-        a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})  # runs saved before --phases, --beta2
+        # a run saved before --phases and --beta2 existed trained with the paper's phases and 0.99
+        a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})
     else:
         meta = None
         for k, v in TRAIN[a.preset].items():

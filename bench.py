@@ -37,7 +37,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import nami
 import shapes
-import train
 
 VARIANTS = ("baseline", "piecewise", "nami")
 
@@ -171,7 +170,7 @@ def main(argv=None):
         return ablate(a.ablate, a.minutes, a.out, a.seed, a.jobs, a.n_eval)
 
     cfg = nami.preset(a.preset)
-    cfg_scale = a.cfg if a.cfg is not None else train.TRAIN[a.preset]["cfg"]
+    cfg_scale = a.cfg if a.cfg is not None else nami.TRAIN[a.preset]["cfg"]
     factor = 8 if cfg.vae else 1                          # FLUX/SD3 VAEs: 8x fewer cells per side
     sizes = a.res or [cfg.resolution * factor]
     device, dtype = torch.device(a.device), torch.bfloat16 if a.dtype == "bf16" else torch.float32

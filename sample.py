@@ -17,78 +17,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
 import data
 import nami
+import runs
 import shapes
-
-
-def config_from_json(d):
-    """Config from its saved dict (JSON turns tuples into lists)."""
-    names = {f.name for f in fields(nami.Config)}
-    return nami.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}).check()
-
-
-def load(run_dir, device="cpu"):
-    """(model, run metadata) from a train.py output folder; weights via safetensors only."""
-    cfg_path, w_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "model.safetensors")
-    if not (os.path.isfile(cfg_path) and os.path.isfile(w_path)):
-        raise FileNotFoundError(f"no checkpoint in {run_dir!r}: expected config.json and model.safetensors "
-                                f"written by train.py (train one with: python train.py --out {run_dir})")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    model = nami.NAMI(config_from_json(meta["model"]))
-    model.load_state_dict(load_file(w_path))
-    return model.to(device).eval(), meta
-
-
-def load_encoders(cfg, device="cpu", cache_size=0):
-    """The text encoder (and VAE, for latent presets) named in the config."""
-    enc = data.TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device,
-                           cache_size=cache_size)
-    if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
-        raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
-                         f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
-    vae = data.VAE(cfg.vae, device=device) if cfg.vae else None
-    return enc, vae
-
-
-def encode_text(enc, captions, device):
-    return nami.Text(*(t.to(device) for t in enc.encode(list(captions))))
-
-
-def to_images(x, vae, size):
-    """Model output (B,C,h,w) -> uint8 (B,size,size,3): VAE decode if latent, then nearest
-    upsampling to `size` so every stage's end point can sit in one grid."""
-    img = vae.decode(x.float()) if vae is not None else x.float()
-    img = nami.up(img, size // img.shape[-1])
-    return data.to_uint8(img)
-
-
-@torch.no_grad()
-def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="renoise", variant="nami",
-             batch_size=64, vae=None, dtype="fp32", resolution=None):
-    """Images for `prompts`: uint8 (N,S,S,3) and, per window, its end point (N,S,S,3)."""
-    cfg, dev = model.cfg, next(model.parameters()).device
-    g = torch.Generator(dev).manual_seed(seed)
-    R = resolution or cfg.resolution
-    size = R * (vae.factor if vae is not None else 1)
-    out, ends = [], None
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i: i + batch_size]
-        text, uncond = encode_text(enc, chunk, dev), encode_text(enc, [""] * len(chunk), dev)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=dtype == "bf16"):
-            x, stage_ends = nami.sample(model, text, uncond, steps, cfg_scale, transition, variant, R, g)
-        out.append(to_images(x, vae, size))
-        strips = [to_images(e, vae, size) for e in stage_ends]
-        ends = strips if ends is None else [np.concatenate([a, b]) for a, b in zip(ends, strips)]
-    return np.concatenate(out), ends
 
 
 @torch.no_grad()
@@ -101,7 +37,7 @@ def stage_check(model, enc, steps, cfg_scale=1.0, seed=0, n=120, transition="ren
     rng, g = np.random.default_rng(seed), torch.Generator(dev).manual_seed(seed)
     captions, objects = zip(*(shapes.sample_scene(rng, "single") for _ in range(n)))
     x = data.to_tensor(np.stack([shapes.render(o) for o in objects])).to(dev)
-    text, uncond = encode_text(enc, captions, dev), encode_text(enc, [""] * n, dev)
+    text, uncond = data.encode_text(enc, captions, dev), data.encode_text(enc, [""] * n, dev)
     result = {}
     for k, (s, e) in enumerate(nami.window_bounds(cfg.windows), 1):
         xk = nami.down(x, 2 ** (cfg.K - k))                                   # (n, 3, R_k, R_k)
@@ -117,25 +53,6 @@ def stage_check(model, enc, steps, cfg_scale=1.0, seed=0, n=120, transition="ren
     return result
 
 
-def grid(images, ncol, scale=1):
-    """uint8 (N,H,W,3) -> one uint8 image, ncol per row, 1 px gaps, upscaled `scale`x."""
-    N, H, W, _ = images.shape
-    nrow = -(-N // ncol)
-    canvas = np.full((nrow * (H + 1) + 1, ncol * (W + 1) + 1, 3), 64, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        canvas[1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = im
-    return canvas.repeat(scale, 0).repeat(scale, 1)
-
-
-def save_png(array, path):
-    """Write a PNG atomically (temp file + rename): a crash never leaves half an image."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def read_prompts(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} not found")
@@ -146,21 +63,6 @@ def read_prompts(path):
             raise ValueError(f"{path}:{i} is empty: one prompt per line, no blank lines "
                              f"(use --cfg 1 and a real prompt instead of an empty unconditional one)")
     return [line.strip() for line in lines]
-
-
-def parse_steps(s, K):
-    """Euler steps per window for K windows: "10,10,10", or "10" for 10 in each. A K = 1
-    (uniform baseline) model takes the sum of several counts: the same total as NAMI's."""
-    steps = tuple(int(v) for v in str(s).split(","))
-    if len(steps) == 1:
-        steps = steps * K                                 # "10" = 10 per window
-    elif K == 1:
-        steps = (sum(steps),)
-    if len(steps) != K:
-        raise ValueError(f"steps {s} needs one count per window (K = {K})")
-    if any(v < 1 for v in steps):
-        raise ValueError(f"--steps needs positive counts, got {s}")
-    return steps
 
 
 def main(argv=None):
@@ -193,7 +95,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     if a.ckpt:
-        model, meta = load(a.ckpt, a.device)
+        model, meta = runs.load_run(a.ckpt, a.device)
     elif a.preset and a.random_weights:
         overrides = {k: v for k, v in (("vae", a.vae), ("text_encoder", a.text_encoder),
                                        ("pooled_encoder", a.pooled_encoder)) if v is not None}
@@ -208,10 +110,10 @@ def main(argv=None):
         cfg.text_encoder = a.text_encoder or cfg.text_encoder
         cfg.pooled_encoder = a.pooled_encoder or cfg.pooled_encoder
         cfg.vae = a.vae or cfg.vae
-    steps = parse_steps(a.steps, 1 if a.variant == "baseline" else cfg.K)
+    steps = nami.parse_steps(a.steps, 1 if a.variant == "baseline" else cfg.K)
     cfg_scale = a.cfg if a.cfg is not None else meta.get("sample", {}).get("cfg", 1.0)
     transition = a.transition or meta.get("sample", {}).get("transition", "renoise")
-    enc, vae = load_encoders(cfg, a.device)
+    enc, vae = data.load_encoders(cfg, a.device)
 
     if (a.eval or a.stage_check) and (cfg.channels, cfg.resolution) != (3, 32):
         sys.exit("--eval and --stage-check score the 32x32 shapes world: they need a pixel-space 32x32 model")
@@ -227,7 +129,7 @@ def main(argv=None):
     if a.eval:
         prompts = [q for q in shapes.eval_prompts() for _ in range(a.n)]
         t0 = time.perf_counter()
-        images, _ = generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
+        images, _ = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
                              a.batch_size, vae, a.dtype)
         dt = time.perf_counter() - t0
         result = shapes.evaluate(prompts, images)
@@ -242,7 +144,7 @@ def main(argv=None):
     if any(not q.strip() for q in prompts):
         p.error("a --prompt is empty")
     prompts = [q for q in prompts for _ in range(a.n)]
-    images, ends = generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
+    images, ends = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
                             a.batch_size, vae, a.dtype, a.res)
     scale = max(1, 128 // images.shape[1])
     if a.stages:                                          # per image: window ends, then a gap
@@ -251,15 +153,15 @@ def main(argv=None):
     else:
         sheet, ncol = images, a.n
     if a.out.lower().endswith(".png"):
-        save_png(grid(sheet, ncol, scale), a.out)
+        data.save_png(data.grid(sheet, ncol, scale), a.out)
         written = [a.out]
     else:
         os.makedirs(a.out, exist_ok=True)
         written = []
         for i, im in enumerate(images):
-            save_png(im, os.path.join(a.out, f"{i:04d}.png"))
+            data.save_png(im, os.path.join(a.out, f"{i:04d}.png"))
             written.append(os.path.join(a.out, f"{i:04d}.png"))
-        save_png(grid(sheet, ncol, scale), os.path.join(a.out, "grid.png"))
+        data.save_png(data.grid(sheet, ncol, scale), os.path.join(a.out, "grid.png"))
         written.append(os.path.join(a.out, "grid.png"))
     with open(os.path.splitext(written[-1])[0] + ".txt", "w") as f:
         f.write("\n".join(prompts[:: a.n]) + "\n")          # the grid's rows, top to bottom

@@ -42,6 +42,10 @@ IMAGE_SIZE = 32
 MIN_SIDE, MAX_SIDE = 8, 12
 MIN_OFFSET = 6  # px: generated relations are at least this clear along their main axis
 NUMBERS = {2: "two", 3: "three"}
+# train.py's end-of-run picture (and assets/): one prompt of every caption form
+PREVIEW_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
+                   "three white circles", "a magenta triangle and a cyan circle",
+                   "a red square to the left of a blue circle", "a white triangle above a green square"]
 
 # Parser thresholds. Components smaller than MIN_AREA px are specks, not objects: the smallest
 # legal shape, a size-8 triangle, has 40 px (size-8 circle 52, square 64), while in uniform noise

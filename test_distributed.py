@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import nami
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +48,7 @@ def test_two_ddp_ranks_equal_one_process_on_the_global_batch(tmp_path):
     # ranks) can move by a good part of lr. Seen: 1e-4 at lr 5e-3 (4e-7 at lr 3.5e-3).
     wa, wb = weights(single), weights(str(tmp_path / "ddp"))
     for k in wa["model"]:
-        assert torch.allclose(wa["model"][k], wb["model"][k], atol=0.05 * train.TRAIN["tiny"]["lr"], rtol=0), k
+        assert torch.allclose(wa["model"][k], wb["model"][k], atol=0.05 * nami.TRAIN["tiny"]["lr"], rtol=0), k
 
 
 def test_distributed_run_resumes_where_it_stopped(tmp_path):

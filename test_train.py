@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import nami
+import runs
 import sample
 import shapes
 import train
@@ -33,7 +34,7 @@ def state(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def trained(tmp_path_factory):
     """One run of 6 steps straight, and one stopped at step 3 then resumed to 6."""
     out = str(tmp_path_factory.mktemp("runs"))
     straight = train.main(MINI + ["--out", out, "--name", "straight", "--steps", "6"])
@@ -43,8 +44,8 @@ def runs(tmp_path_factory):
     return straight, halves, stopped
 
 
-def test_resume_continues_bit_for_bit(runs):
-    straight, halves, stopped = runs
+def test_resume_continues_bit_for_bit(trained):
+    straight, halves, stopped = trained
     assert int(stopped["step"]) == 3
     a, b = state(straight), state(halves)
     assert int(a["step"]) == int(b["step"]) == 6
@@ -59,8 +60,8 @@ def test_resume_continues_bit_for_bit(runs):
     assert not all(torch.equal(stopped["model"][k], a["model"][k]) for k in a["model"])
 
 
-def test_run_folder_contents(runs):
-    straight = runs[0]
+def test_run_folder_contents(trained):
+    straight = trained[0]
     for f in ("config.json", "model.safetensors", "state.pt", "log.jsonl", "samples.png", "stages.png", "samples.txt"):
         assert os.path.isfile(os.path.join(straight, f)), f
     meta = json.load(open(os.path.join(straight, "config.json")))
@@ -69,7 +70,7 @@ def test_run_folder_contents(runs):
     log = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(len(r["stage_loss"]) == 3 for r in log)
     # model.safetensors holds the EMA weights, which sample.load restores exactly
-    model, _ = sample.load(straight)
+    model, _ = runs.load_run(straight)
     ema = state(straight)["ema"]
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
     grid = np.asarray(Image.open(os.path.join(straight, "stages.png")))
@@ -85,19 +86,19 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
     with open(run / "state.pt", "wb") as f:
         pickle.dump({"step": Evil()}, f)
     with pytest.raises(pickle.UnpicklingError):
-        train.load_checkpoint(str(run))
+        runs.load_checkpoint(str(run))
     assert not (tmp_path / "owned").exists()
 
 
 def test_atomic_write_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "model.safetensors")
-    train.atomic(path, lambda p: open(p, "w").write("old"))
+    data.atomic(path, lambda p: open(p, "w").write("old"))
 
     def crash(p):
         open(p, "w").write("half")
         raise OSError("disk full")
     with pytest.raises(OSError):
-        train.atomic(path, crash)
+        data.atomic(path, crash)
     assert open(path).read() == "old"
 
 
@@ -116,18 +117,18 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert step >= 2 and json.load(open(tmp_path / "c" / "config.json"))["step"] == step
 
 
-def test_sample_cli_writes_one_png_per_prompt_and_a_grid(runs, tmp_path):
+def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\ntwo blue squares\na green triangle above a white circle\n")
     out = tmp_path / "imgs"
-    sample.main(["--ckpt", runs[0], "--prompts-file", str(prompts), "--out", str(out), "--steps", "1,1,1", "--stages"])
+    sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--steps", "1,1,1", "--stages"])
     names = sorted(os.listdir(out))
     assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
     assert Image.open(out / "0000.png").size == (32, 32)
     assert (out / "grid.txt").read_text().splitlines() == prompts.read_text().splitlines()
 
 
-def test_stage_check_with_an_oracle_gets_everything_right(runs, capsys):
+def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
     # An oracle that knows the very renders stage_check draws (same seed) must score 1 from
     # every window's start: captions, renders, start states and windows all line up.
     from test_nami import Oracle
@@ -144,36 +145,36 @@ def test_stage_check_with_an_oracle_gets_everything_right(runs, capsys):
     result = sample.stage_check(oracle, NoText(), (2, 2, 2), seed=0, n=n)
     assert result == {f"from_window_{k}": {"circle": 1.0, "square": 1.0, "triangle": 1.0, "all": 1.0} for k in (1, 2, 3)}
     # and the command line, on a trained (miniature) run
-    result = sample.main(["--ckpt", runs[0], "--stage-check", "--steps", "1,1,1"])
+    result = sample.main(["--ckpt", trained[0], "--stage-check", "--steps", "1,1,1"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == result and all(0 <= v["all"] <= 1 for v in line.values()) and len(line) == 3
 
 
-def test_sample_eval_prints_scores(runs, capsys):
-    result = sample.main(["--ckpt", runs[0], "--eval", "--steps", "1,1,1", "--batch-size", "128"])
+def test_sample_eval_prints_scores(trained, capsys):
+    result = sample.main(["--ckpt", trained[0], "--eval", "--steps", "1,1,1", "--batch-size", "128"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("single", "counting", "two_objects", "position", "attribution", "overall", "images_per_s"):
         assert key in line
     assert 0 <= line["overall"] <= 1 and line["n_images"] == 4 * len(sample.shapes.eval_prompts())
     assert line["overall"] == pytest.approx(result["overall"], abs=1e-4)
     with pytest.raises(SystemExit):                        # --n 0: a clear error, not the default
-        sample.main(["--ckpt", runs[0], "--eval", "--n", "0"])
+        sample.main(["--ckpt", trained[0], "--eval", "--n", "0"])
     assert "at least 1 image per prompt" in capsys.readouterr().err
 
 
-def test_bad_inputs_get_clear_errors(tmp_path, runs):
+def test_bad_inputs_get_clear_errors(tmp_path, trained):
     with pytest.raises(FileNotFoundError, match="train.py"):
         sample.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "a red circle"])
     blank = tmp_path / "blank.txt"
     blank.write_text("a red circle\n\ntwo blue squares\n")
     with pytest.raises(ValueError, match=r"blank.txt:2 is empty"):
-        sample.main(["--ckpt", runs[0], "--prompts-file", str(blank)])
+        sample.main(["--ckpt", trained[0], "--prompts-file", str(blank)])
     with pytest.raises(ValueError, match="divisible by patch"):
         train.main(MINI + ["--out", str(tmp_path), "--set", "resolution=36", "--steps", "1"])
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
         train.main(MINI + ["--out", str(tmp_path), "--data", str(tmp_path), "--steps", "1"])
     with pytest.raises(FileNotFoundError, match="state.pt"):
-        train.main(["--resume", runs[0] + "_missing"])
+        train.main(["--resume", trained[0] + "_missing"])
     with pytest.raises(ValueError, match="no Config field"):
         train.main(MINI + ["--set", "depthh=3"])
 
@@ -200,7 +201,7 @@ def test_dry_run_reports_2b(capsys):
     assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
 
 
-def test_learning_rate_and_phase_schedule(runs, tmp_path):
+def test_learning_rate_and_phase_schedule(trained, tmp_path):
     # warmup: linear from base/warmup; the paper's recipe: x1 until 80% of the run, then x0.5
     lr = lambda step, p, phases="paper": train.learning_rate(1e-3, step, p, 100, phases)
     assert lr(0, 0.0) == pytest.approx(1e-5) and lr(49, 0.1) == pytest.approx(5e-4)
@@ -216,12 +217,12 @@ def test_learning_rate_and_phase_schedule(runs, tmp_path):
         [(4, 2, 1)] * 2 + [(2, 4, 1)] * 2 + [(1, 2, 4)] * 2
     assert {ratios(p / 100, "tiny") for p in range(100)} == {(4, 8, 1)}
     # a tiny run uses tiny's phases, and a resumed run keeps the phases it started with
-    log = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(trained[0], "log.jsonl"))]
     assert all(r["ratios"] == [4, 8, 1] for r in log)
-    assert train.settle_args(*train.parse_args(["--resume", runs[1], "--steps", "9"]))[0].phases == "tiny"
+    assert train.settle_args(*train.parse_args(["--resume", trained[1], "--steps", "9"]))[0].phases == "tiny"
     # AdamW's beta2 is the preset's (tiny: 0.95), reaches the optimizer, and survives a resume
-    assert [g["betas"] for g in state(runs[1])["optim"]["param_groups"]] == [(0.9, 0.95)]
-    meta = json.load(open(os.path.join(runs[1], "config.json")))   # a run saved before --phases and
+    assert [g["betas"] for g in state(trained[1])["optim"]["param_groups"]] == [(0.9, 0.95)]
+    meta = json.load(open(os.path.join(trained[1], "config.json")))   # a run saved before --phases and
     del meta["args"]["phases"], meta["args"]["beta2"]               # --beta2: the paper's phases, 0.99
     old = tmp_path / "old"
     old.mkdir()
@@ -239,7 +240,7 @@ def test_baseline_and_piecewise_runs_finish(tmp_path):
     meta = json.load(open(os.path.join(run, "config.json")))
     assert meta["model"]["stage_layers"] == [6] and os.path.isfile(os.path.join(run, "samples.png"))
     assert all(r["ratios"] == [1] for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
-    assert sample.parse_steps("2,3,4", sample.load(run)[0].cfg.K) == (9,)
+    assert nami.parse_steps("2,3,4", runs.load_run(run)[0].cfg.K) == (9,)
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "pw", "--steps", "2", "--no-nested"])
     assert json.load(open(os.path.join(run, "config.json")))["model"]["nested"] is False
     with pytest.raises(ValueError, match="one count per window"):
@@ -249,7 +250,7 @@ def test_baseline_and_piecewise_runs_finish(tmp_path):
 def test_bridge_run_fits_every_jump_on_the_models_end_points(tmp_path, capsys):
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "br", "--steps", "2", "--transition", "bridge"])
     assert re.findall(r"BridgeFlow jump (\d)->(\d)", capsys.readouterr().out) == [("1", "2"), ("2", "3")]
-    model, meta = sample.load(run)
+    model, meta = runs.load_run(run)
     fresh = nami.BridgeFlow(3, nami.window_bounds(model.cfg.windows))   # initialised to renoise
     assert meta["sample"]["transition"] == "bridge"
     assert not torch.allclose(model.bridge.b, fresh.b)     # fitted, and saved with the EMA weights

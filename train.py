@@ -24,50 +24,15 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import nami
+import runs
 import shapes
-from sample import config_from_json, encode_text, generate, grid, load_encoders, parse_steps, save_png
 
-# -----------------------------------------------------------------------------
-# The paper's recipe (Sec. 3.3, 4.2) as data. Phases are fractions of the run: resolution
-# sampling ratios (stage 1:2:3, low to high) and the learning-rate multiplier.
-PHASES = {
-    # the paper: 120k steps at 4:2:1, 80k at 2:4:1, then 50k at 1:2:4 with the lr halved
-    "paper": [(0.48, (4, 2, 1), 1.0), (0.80, (2, 4, 1), 1.0), (1.00, (1, 2, 4), 0.5)],
-    # tiny's, measured on the shapes world (README, "The default run"): there stage 2 chooses
-    # the shapes and stage 3 only sharpens them, while a stage-3 sample costs ~4x a stage-2
-    # one and ~7x a stage-1 one. The paper's phases spend 48-86% of the compute on stage 3;
-    # 4:8:1 spends ~27% and scored 0.27 against 0.15 in equal-time runs. Its lr falls linearly
-    # to 0 over the last 30% (a run of minutes is far from converged: halving the lr for the
-    # last 20% instead scored 0.38 against 0.41, mean of two eval seeds)
-    "tiny": [(0.70, (4, 8, 1), 1.0), (1.00, (4, 8, 1), (1.0, 0.0))],
-}
 CAPTION_DROP = 0.1        # captions replaced by "" so one model also gives v(x | no text), for CFG
 LOSS_EMA = 0.99           # smoothing of the per-stage losses behind the dynamic weights
-# Defaults of `python train.py --preset P` (flags override). tiny trains on a wall-clock
-# budget so the default run fits 15 minutes on any machine; --steps N makes a run exactly
-# reproducible instead. --dtype defaults to bf16 on GPUs, fp32 on CPUs.
-# tiny's batch 192: at its 4:8:1 mix most samples train the cheap 8/16 px stages, where a
-# CPU step is mostly per-operator overhead; 192 trains ~1.6x the images/s of 64 (README).
-# beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100) is
-# what lets it take lr 5e-3; either change alone gained nothing (README, 2026-11-30 rows).
-TRAIN = {
-    "tiny": dict(minutes=14.0, steps=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
-                 cfg=3.0, sample_steps="10,10,10", phases="tiny"),
-    "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, beta2=0.99, warmup=1000, ema=0.9999, cfg=2.0,
-                  sample_steps="10,10,10", phases="paper"),
-    "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
-                 sample_steps="10,10,10", phases="paper"),
-    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
-               sample_steps="10,10,10", phases="paper"),
-}
-SHAPES_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
-                  "three white circles", "a magenta triangle and a cyan circle",
-                  "a red square to the left of a blue circle", "a white triangle above a green square"]
 
 
 def phase(progress, K=3, phases="paper"):
@@ -75,7 +40,7 @@ def phase(progress, K=3, phases="paper"):
     are written for K = 3 stages; a K = 1 baseline trains every sample at its one stage.
     A multiplier (a, b) goes linearly from a to b over its phase."""
     start = 0.0
-    for end, ratios, lr_mult in PHASES[phases]:
+    for end, ratios, lr_mult in nami.PHASES[phases]:
         if progress < end:
             break
         start = end
@@ -85,7 +50,7 @@ def phase(progress, K=3, phases="paper"):
     if K == 1:
         return (1,), lr_mult
     if len(ratios) != K:
-        raise ValueError(f"train.PHASES[{phases!r}] gives resolution ratios for {len(ratios)} stages but the model has "
+        raise ValueError(f"nami.PHASES[{phases!r}] gives resolution ratios for {len(ratios)} stages but the model has "
                          f"K = {K}: write ratios for {K} stages there")
     return ratios, lr_mult
 
@@ -183,36 +148,6 @@ def _unpack(items):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: each file written to a temp name then renamed, so a crash (or Ctrl-C) at any
-# moment leaves the previous complete file; loaded without unpickling arbitrary objects.
-
-
-def atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run, meta, step, elapsed, loss_ema, model_sd, optim_sd, ema_sd):
-    """state.pt (everything --resume needs), model.safetensors (EMA, for sampling), config.json."""
-    atomic(os.path.join(run, "state.pt"), lambda p: torch.save(
-        {"step": torch.tensor(step), "elapsed_s": torch.tensor(elapsed), "model": model_sd, "ema": ema_sd,
-         "optim": optim_sd, "loss_ema": torch.tensor(loss_ema, dtype=torch.float64)}, p))
-    atomic(os.path.join(run, "model.safetensors"), lambda p: save_file(
-        {k: v.contiguous() for k, v in ema_sd.items()}, p))
-    meta["step"] = step
-    atomic(os.path.join(run, "config.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
-
-
-def load_checkpoint(run):
-    path = os.path.join(run, "state.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {run}: no state.pt there (a run saves one every --save-every "
-                                f"steps, at the end and on Ctrl-C)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# -----------------------------------------------------------------------------
 # Data parallelism: DDP for the small presets, FSDP2 (fully_shard) for 0.6b / 2b.
 
 
@@ -297,7 +232,7 @@ def dry_run(cfg, a, ranks):
         f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))
         print(f"  stage {k}: {r}x{r} cells, {(r // cfg.patch) ** 2} image tokens, {cfg.stage_depth(k)} blocks: "
               f"{f / 1e9:,.1f} GFLOP forward, {3 * f / 1e9:,.1f} GFLOP train step per image")
-    steps = parse_steps(a.sample_steps, cfg.K)
+    steps = nami.parse_steps(a.sample_steps, cfg.K)
     nf = nami.sampling_flops(cfg, steps, cfg_scale=a.cfg)
     bf = nami.sampling_flops(cfg, sum(steps), "baseline", cfg_scale=a.cfg)
     print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
@@ -327,7 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, help="AdamW's second-moment decay (beta1 is 0.9)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--ema", type=float)
-    p.add_argument("--phases", choices=list(PHASES), help="resolution ratios over the run (train.PHASES; default: the preset's)")
+    p.add_argument("--phases", choices=list(nami.PHASES), help="resolution ratios over the run (nami.PHASES; default: the preset's)")
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
     p.add_argument("--out", default="out", help="parent folder of runs")
     p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
@@ -373,7 +308,7 @@ def settle_args(a, given):
         a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})
     else:
         meta = None
-        for k, v in TRAIN[a.preset].items():
+        for k, v in nami.TRAIN[a.preset].items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
         if a.dtype is None:                               # CPUs without bf16 matrix units run bf16 slower
@@ -404,46 +339,29 @@ def build_config(a):
 
 
 def main(argv=None):
+    """The training loop, step by step: settle the flags, build, then train, save, sample."""
     a, meta = settle_args(*parse_args(argv))
-    cfg = config_from_json(meta["model"]) if meta else build_config(a)
-    parse_steps(a.sample_steps, cfg.K)                    # bad --sample-steps or stage ratios fail
+    cfg = runs.config_from_json(meta["model"]) if meta else build_config(a)
+    nami.parse_steps(a.sample_steps, cfg.K)               # bad --sample-steps or stage ratios fail
     phase(0.0, cfg.K, a.phases)                           # now, not after training
-
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     if a.dry_run:
         return dry_run(cfg, a, a.ranks or world)
-    if distributed:
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-        if a.device.startswith("cuda"):
-            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(a.device)
     if a.batch_size % (world * a.grad_accum):
         raise ValueError(f"--batch-size {a.batch_size} must divide by ranks x --grad-accum = {world * a.grad_accum}")
+    if distributed:
+        start_distributed(a)
     master, dev = rank == 0, torch.device(a.device)
     run = a.resume or os.path.join(a.out, a.name or a.preset)
-    torch.manual_seed(a.seed)                              # same initial weights on every rank
 
-    model = nami.NAMI(cfg).to(dev)
-    model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
-    model.grad_checkpointing = a.checkpointing
-    st = load_checkpoint(run) if a.resume else None
-    if st:
-        model.load_state_dict(st["model"])                # full weights, before any sharding
-    step_fn = wrap(model, a, distributed)
+    model, step_fn, opt, ema, resumed = build(cfg, a, run, distributed)
     # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
-    enc, vae = load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
+    enc, vae = data.load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
     if a.data == "shapes":                                # its whole grammar, once: ~2 s
         enc.warm([""] + shapes.all_captions())
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),
-                            weight_decay=0.0, fused=not a.fsdp)
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}   # sharded like the model
-    start, elapsed, loss_ema = 0, 0.0, [1.0] * cfg.K
-    if st:
-        load_state(model, opt, ema, st, a.fsdp)
-        start, elapsed, loss_ema = int(st["step"]), float(st["elapsed_s"]), st["loss_ema"].tolist()
-        del st
+    start, elapsed, loss_ema = resumed
     meta = meta or {"preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
                     "vae": cfg.vae, "args": vars(a),
                     "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
@@ -470,42 +388,10 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
-        stage_sum, stage_n = torch.zeros(cfg.K, dtype=torch.float64), torch.zeros(cfg.K, dtype=torch.float64)
-        for micro in range(a.grad_accum):
-            g = torch.Generator(dev).manual_seed(step_seed(a.seed, step, micro, 0))
-            x, captions, native = get_batch(step * a.grad_accum + micro)
-            drop = torch.rand(len(captions) * world, generator=torch.Generator().manual_seed(step_seed(a.seed, step, micro, 1)))
-            captions = ["" if d < CAPTION_DROP else c for c, d in zip(captions, drop[rank::world])]
-            text = encode_text(enc, captions, dev)
-            sync = micro == a.grad_accum - 1               # reduce gradients on the last micro-batch only
-            ctx = step_fn.no_sync() if (distributed and not a.fsdp and not sync) else contextlib.nullcontext()
-            if a.fsdp:
-                step_fn.set_requires_gradient_sync(sync)
-            # FSDP keeps bf16 copies of the weights for compute; autocast casts the activations
-            # that arrive in fp32 (time embeddings, RoPE, text states) to meet them
-            with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" or a.fsdp):
-                loss, per, counts = step_fn(x, text, ratios, weights, None if native is None else native.to(dev),
-                                            g, (rank, world))
-                (loss / a.grad_accum).backward()
-            for k in per:
-                stage_sum[k - 1] += per[k].item() * counts[k]
-                stage_n[k - 1] += counts[k]
-        if distributed:                                   # every rank uses the same loss weights
-            both = torch.cat([stage_sum, stage_n]).to(dev)
-            dist.all_reduce(both)
-            stage_sum, stage_n = both.cpu().double().chunk(2)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():                             # EMA weights, warmed up over early steps
-            decay = min(a.ema, (1 + step) / (10 + step))
-            for k, v in model.state_dict().items():
-                ema[k].lerp_(v.float(), 1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
-        for k in range(cfg.K):
-            if stage_n[k] > 0:
-                mean = float(stage_sum[k] / stage_n[k])
-                loss_ema[k] = mean if step == 0 else LOSS_EMA * loss_ema[k] + (1 - LOSS_EMA) * mean
+        stage_sum, stage_n = accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, cfg.K,
+                                                  rank, world, distributed)
+        grad_norm = optimizer_step(model, opt, ema, a.ema, step)
+        update_loss_ema(loss_ema, stage_sum, stage_n, step)
         step += 1
         seen += a.batch_size
         if master:
@@ -520,7 +406,7 @@ def main(argv=None):
         if step % a.save_every == 0:
             full = full_state(model, opt, ema, a.fsdp)
             if master:
-                save_checkpoint(run, meta, step, time.time() - t0, loss_ema, *full)
+                runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, *full)
     bar.close()
     if master and SKIPPED["n"]:
         print(f"skipped {SKIPPED['n']} unreadable image(s) (corrupt or too small); training went on without them")
@@ -530,7 +416,7 @@ def main(argv=None):
     if master:
         if finished and a.transition == "bridge":
             fit_bridge(ema_sd, get_batch, cfg, a, enc, vae, step)
-        save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
+        runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
         print(f"{'finished' if finished else 'stopped'} at step {step} after {(time.time() - t0) / 60:.1f} min; "
               f"saved {run}" + ("" if finished else f" (continue with: python train.py --resume {run})"))
         if finished:
@@ -540,18 +426,94 @@ def main(argv=None):
     return run
 
 
-def ema_model(cfg, ema, dev):
-    m = nami.NAMI(cfg).to(dev).eval()
-    m.load_state_dict(ema)
-    return m
+def start_distributed(a):
+    """torchrun: join the process group; each rank takes the GPU of its LOCAL_RANK."""
+    dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+    if a.device.startswith("cuda"):
+        a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(a.device)
+
+
+def build(cfg, a, run, distributed):
+    """Model, the module a step calls (plain / DDP / FSDP2), AdamW and the EMA weights, restored
+    from the run's state.pt on --resume. Returns them and (start step, elapsed s, loss EMA)."""
+    dev = torch.device(a.device)
+    torch.manual_seed(a.seed)                             # same initial weights on every rank
+    model = nami.NAMI(cfg).to(dev)
+    model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
+    model.grad_checkpointing = a.checkpointing
+    st = runs.load_checkpoint(run) if a.resume else None
+    if st:
+        model.load_state_dict(st["model"])                # full weights, before any sharding
+    step_fn = wrap(model, a, distributed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),
+                            weight_decay=0.0, fused=not a.fsdp)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}   # sharded like the model
+    resumed = (0, 0.0, [1.0] * cfg.K)
+    if st:
+        load_state(model, opt, ema, st, a.fsdp)
+        resumed = (int(st["step"]), float(st["elapsed_s"]), st["loss_ema"].tolist())
+    return model, step_fn, opt, ema, resumed
+
+
+def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, rank, world, distributed):
+    """Forward and backward over the step's --grad-accum micro-batches (caption drop for CFG).
+    Returns the per-stage loss sums and sample counts of the global batch."""
+    dev = torch.device(a.device)
+    stage_sum, stage_n = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    for micro in range(a.grad_accum):
+        g = torch.Generator(dev).manual_seed(step_seed(a.seed, step, micro, 0))
+        x, captions, native = get_batch(step * a.grad_accum + micro)
+        drop = torch.rand(len(captions) * world, generator=torch.Generator().manual_seed(step_seed(a.seed, step, micro, 1)))
+        captions = ["" if d < CAPTION_DROP else c for c, d in zip(captions, drop[rank::world])]
+        text = data.encode_text(enc, captions, dev)
+        sync = micro == a.grad_accum - 1                  # reduce gradients on the last micro-batch only
+        ctx = step_fn.no_sync() if (distributed and not a.fsdp and not sync) else contextlib.nullcontext()
+        if a.fsdp:
+            step_fn.set_requires_gradient_sync(sync)
+        # FSDP keeps bf16 copies of the weights for compute; autocast casts the activations
+        # that arrive in fp32 (time embeddings, RoPE, text states) to meet them
+        with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" or a.fsdp):
+            loss, per, counts = step_fn(x, text, ratios, weights, None if native is None else native.to(dev),
+                                        g, (rank, world))
+            (loss / a.grad_accum).backward()
+        for k in per:
+            stage_sum[k - 1] += per[k].item() * counts[k]
+            stage_n[k - 1] += counts[k]
+    if distributed:                                       # every rank uses the same loss weights
+        both = torch.cat([stage_sum, stage_n]).to(dev)
+        dist.all_reduce(both)
+        stage_sum, stage_n = both.cpu().double().chunk(2)
+    return stage_sum, stage_n
+
+
+def optimizer_step(model, opt, ema, ema_decay, step):
+    """Clip, step AdamW, update the EMA weights (warmed up over early steps). Returns the grad norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            ema[k].lerp_(v.float(), 1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+    return grad_norm
+
+
+def update_loss_ema(loss_ema, stage_sum, stage_n, step):
+    """Smoothed per-stage losses (the dynamic weights' input), in place."""
+    for k in range(len(loss_ema)):
+        if stage_n[k] > 0:
+            mean = float(stage_sum[k] / stage_n[k])
+            loss_ema[k] = mean if step == 0 else LOSS_EMA * loss_ema[k] + (1 - LOSS_EMA) * mean
 
 
 def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
     """BridgeFlow pre-training: fit each jump on the EMA model's own end points of the
     previous window (sampled from training starts of real data), then store it in the EMA."""
     dev = torch.device(a.device)
-    m = ema_model(cfg, ema, dev)
-    bounds, steps = nami.window_bounds(cfg.windows), parse_steps(a.sample_steps, cfg.K)
+    m = runs.model_from_state(cfg, ema, dev)
+    bounds, steps = nami.window_bounds(cfg.windows), nami.parse_steps(a.sample_steps, cfg.K)
     g = torch.Generator(dev).manual_seed(a.seed + 1)
 
     def stage_end(start, k):                              # window k of the sampler, from `start`
@@ -562,7 +524,7 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
             def pairs():
                 for i in range(batches):
                     x, captions, _ = get_batch(step + i)
-                    stage_end.text = encode_text(enc, captions, dev)
+                    stage_end.text = data.encode_text(enc, captions, dev)
                     yield nami.bridge_pairs(nami.down(x, 2 ** (cfg.K - k)), k, bounds, g, stage_end)
             mse = m.bridge.fit(k, pairs())
             print(f"BridgeFlow jump {k - 1}->{k}: fitted on {batches} batches of model end points, MSE {mse:.4f}")
@@ -573,15 +535,15 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
 
 def sample_grid(cfg, ema, a, enc, vae, run):
     """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
-    m = ema_model(cfg, ema, a.device)
-    prompts = SHAPES_PROMPTS if a.data == "shapes" else ["a photo"] * 8
-    steps = parse_steps(a.sample_steps, cfg.K)
-    images, ends = generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
-                            a.transition, "nami", 64, vae, a.dtype)
+    m = runs.model_from_state(cfg, ema, a.device)
+    prompts = shapes.PREVIEW_PROMPTS if a.data == "shapes" else ["a photo"] * 8
+    steps = nami.parse_steps(a.sample_steps, cfg.K)
+    images, ends = runs.generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
+                                 a.transition, "nami", 64, vae, a.dtype)
     scale = max(1, 96 // images.shape[1])
-    save_png(grid(images, 4, scale), os.path.join(run, "samples.png"))
+    data.save_png(data.grid(images, 4, scale), os.path.join(run, "samples.png"))
     strip = np.stack([e[::4] for e in ends], 1)           # first sample of each prompt, per window
-    save_png(grid(strip.reshape(-1, *strip.shape[2:]), cfg.K, scale), os.path.join(run, "stages.png"))
+    data.save_png(data.grid(strip.reshape(-1, *strip.shape[2:]), cfg.K, scale), os.path.join(run, "stages.png"))
     for name in ("samples", "stages"):
         with open(os.path.join(run, f"{name}.txt"), "w") as f:
             f.write("\n".join(prompts) + "\n")

@@ -404,38 +404,68 @@ VAE_HINT = ("a folder written by AutoencoderKL.save_pretrained (or a pipeline fo
 
 
 def _load_text_model(name_or_path, device):
+    """(tokenizer, frozen model, model_type). 'owner/repo/sub/folder' is a hub repository's
+    subfolder; a model folder without tokenizer files takes them from a sibling 'tokenizer'
+    folder (HunyuanDiT's mCLIP: t2i/clip_text_encoder + t2i/tokenizer)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     import transformers
-    path = _resolve(name_or_path)
-    mt = _hf_load(AutoConfig.from_pretrained, path, "text encoder", TEXT_HINT).model_type
+    path, kw = _resolve(name_or_path), {}
+    if not os.path.exists(path) and path.count("/") > 1 and not path.startswith(("/", ".", "~")):   # hub subfolder
+        parts = path.split("/")
+        path, kw["subfolder"] = "/".join(parts[:2]), "/".join(parts[2:])
+    mt = _hf_load(AutoConfig.from_pretrained, path, "text encoder", TEXT_HINT, **kw).model_type
     # T5-family checkpoints hold a decoder too; the encoder class loads only the half we need
     cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
            "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}.get(mt)
     cls = getattr(transformers, cls) if cls else AutoModel
-    model = _hf_load(cls.from_pretrained, path, "text encoder", TEXT_HINT)
-    tokenizer = _hf_load(AutoTokenizer.from_pretrained, path, "tokenizer", TEXT_HINT)
-    model = model.eval().requires_grad_(False).to(device)
-    return tokenizer, model, mt.startswith("clip")
+    extra = {"add_pooling_layer": False} if mt == "bert" else {}     # BERT's pooler is unused here
+    model = _hf_load(cls.from_pretrained, path, "text encoder", TEXT_HINT, **kw, **extra)
+    tok_path, tok_kw = path, kw
+    if os.path.isdir(path) and not _has_tokenizer(path):               # tokenizer in a sibling folder
+        tok_path, tok_kw = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer"), {}
+    elif "subfolder" in kw:
+        tok_kw = {"subfolder": os.path.join(os.path.dirname(kw["subfolder"]), "tokenizer")}
+    try:
+        tokenizer = _hf_load(AutoTokenizer.from_pretrained, path, "tokenizer", TEXT_HINT, **kw)
+    except (OSError, ValueError):
+        if (tok_path, tok_kw) == (path, kw):
+            raise
+        tokenizer = _hf_load(AutoTokenizer.from_pretrained, tok_path, "tokenizer", TEXT_HINT, **tok_kw)
+    return tokenizer, model.eval().requires_grad_(False).to(device), mt
+
+
+def _has_tokenizer(folder):
+    return any(os.path.isfile(os.path.join(folder, f)) for f in
+               ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model"))
 
 
 class TextEncoder:
-    """Frozen caption encoder: captions -> token states (B, T, D), mask (B, T), pooled (B, P).
+    """Frozen caption encoder: captions -> token states (B, L, D), mask (B, L), pooled (B, P).
 
-    pooled_from: a second (CLIP) model whose pooled vector replaces the first model's, as in the
-    paper (mT5 tokens + CLIP pooled). id is 'A' or 'A+B' and TextEncoder(id) rebuilds it."""
+    Every caption is padded (or cut) to exactly `length` tokens, so a batch has one shape and
+    the model needs no attention mask (FLUX and the released NAMI-2B do the same). Token
+    states: T5-family encoders run on the padded ids without a mask and keep every position,
+    as FLUX and the release run T5; other encoders (BERT, MiniLM, CLIP) run masked and their
+    pad positions are zeros. pooled_from: a second model whose pooled vector replaces the
+    first one's, as in the paper (mT5 tokens + CLIP pooled): CLIP's pooler output (its EOS
+    state, what FLUX uses), or for BERT-type encoders the first ([CLS]) state, as the release
+    takes from HunyuanDiT's mCLIP (77 tokens). Without one, the pooled vector is the mean of
+    the real tokens' states (sentence-transformers, MiniLM).
+    id is 'A' or 'A+B' and TextEncoder(id) rebuilds it."""
 
-    def __init__(self, name_or_path="all-MiniLM-L6-v2", pooled_from=None, max_length=77, device="cpu",
+    def __init__(self, name_or_path="all-MiniLM-L6-v2", pooled_from=None, length=77, device="cpu",
                  cache_size=0):
         name_or_path, pooled_from = str(name_or_path), pooled_from or None  # "" = no second model
         if pooled_from is None and "+" in name_or_path and not os.path.exists(name_or_path):
             name_or_path, pooled_from = name_or_path.split("+", 1)
         self.id = name_or_path if pooled_from is None else f"{name_or_path}+{pooled_from}"
-        self.max_length, self.device, self.cache_size = max_length, torch.device(device), cache_size
-        self.tokenizer, self.model, self.is_clip = _load_text_model(name_or_path, self.device)
+        self.length, self.device, self.cache_size = length, torch.device(device), cache_size
+        self.tokenizer, self.model, self.kind = _load_text_model(name_or_path, self.device)
         self.pooler = None if pooled_from is None else _load_text_model(str(pooled_from), self.device)
-        # caption -> (unpadded states (T_i, D), pooled (P,)). Captions repeat a lot in small data;
-        # storing unpadded states means a cache hit re-pads to exactly what a fresh run gives.
-        self.cache = {}
+        # caption -> (states (L_i, D), pooled (P,)): states up to the last position that is not a
+        # zero pad, re-padded on use, so a cache hit gives exactly what a fresh encoding gives.
+        # Captions repeat a lot in small data.
+        self.cache, self.cut = {}, 0                      # cut: captions longer than `length`
 
     @property
     def dim(self):
@@ -445,17 +475,31 @@ class TextEncoder:
     def pooled_dim(self):
         return (self.pooler[1] if self.pooler else self.model).config.hidden_size
 
-    def _run(self, tokenizer, model, is_clip, captions):
-        b = tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
-                      return_tensors="pt")
-        ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
-        out = model(input_ids=ids, attention_mask=mask)
-        h, m = out.last_hidden_state.float(), mask.bool()  # (B, T, D), (B, T)
-        if is_clip:
-            pooled = out.pooler_output.float()  # final state at the EOS token, what FLUX uses
-        else:  # sentence-transformers mean pooling over real tokens (CLS/SEP included)
-            pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        return h, m, pooled
+    def _states(self, captions):
+        """Token states (B, L, D) and how many positions of each to keep (B,)."""
+        b = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.length,
+                           return_tensors="pt")
+        ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device).bool()
+        self.cut += sum(len(i) > self.length for i in self.tokenizer(captions)["input_ids"])
+        if self.kind in ("t5", "mt5", "umt5"):            # unmasked: every position is a real state
+            h = self.model(input_ids=ids).last_hidden_state.float()
+            return h, torch.full((len(captions),), self.length), (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        h = out.last_hidden_state.float() * mask[..., None]
+        own = out.pooler_output.float() if self.kind.startswith("clip") else h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return h, mask.sum(1), own
+
+    def _pooled(self, captions):
+        tokenizer, model, kind = self.pooler
+        b = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        out = model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device))
+        return (out.pooler_output if kind.startswith("clip") else out.last_hidden_state[:, 0]).float()
+
+    def _encode(self, group):
+        h, keep, pooled = self._states(group)
+        if self.pooler:
+            pooled = self._pooled(group)
+        return {c: (h[i, :keep[i]], pooled[i]) for i, c in enumerate(group)}
 
     @torch.no_grad()
     def warm(self, captions, batch_size=256):
@@ -463,45 +507,41 @@ class TextEncoder:
         of the list, so every run that warms with it gets identical embeddings)."""
         captions = list(dict.fromkeys(captions))
         for i in range(0, len(captions), batch_size):
-            group = captions[i:i + batch_size]
-            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, group)
-            if self.pooler:
-                pooled = self._run(*self.pooler, group)[2]
-            self.cache.update({c: (h[j][m[j]], pooled[j]) for j, c in enumerate(group)})
+            self.cache.update(self._encode(captions[i:i + batch_size]))
 
     @torch.no_grad()  # not inference_mode: its tensors can't be saved for backward by the model
     def encode(self, captions):
-        """list[str] -> tokens (B, T, D) float32, mask (B, T) bool, pooled (B, P) float32.
-        T is the longest caption in the batch (<= max_length); pad positions are zeros."""
+        """list[str] -> tokens (B, L, D) float32, mask (B, L) bool (False: zero padding), pooled (B, P)."""
         if isinstance(captions, str):
             raise TypeError("encode takes a list of captions, not one string")
-        captions = list(captions)
+        captions, cut = list(captions), self.cut
         todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
         fresh = {}
-        # With a cache, misses are encoded one caption at a time: padding changes float rounding,
+        # With a cache, misses are encoded one caption at a time: batch size changes float rounding,
         # so an entry must not depend on which batch it first came in (bit-exact resume).
         for group in ([[c] for c in todo] if self.cache_size > 0 else [todo] if todo else []):
-            h, m, pooled = self._run(self.tokenizer, self.model, self.is_clip, group)
-            if self.pooler:
-                pooled = self._run(*self.pooler, group)[2]
-            fresh.update({c: (h[i][m[i]], pooled[i]) for i, c in enumerate(group)})
+            fresh.update(self._encode(group))
+        if self.cut > cut and cut == 0:
+            warnings.warn(f"a caption is longer than the model's {self.length} text tokens (text_len) and was cut; "
+                          f"TextEncoder.cut counts them")
         for c, v in fresh.items():
             if len(self.cache) >= self.cache_size > 0:  # bounded: big data rarely repeats captions
                 self.cache.pop(next(iter(self.cache)))  # oldest first
             if self.cache_size > 0:
                 self.cache[c] = v
         entries = [fresh[c] if c in fresh else self.cache[c] for c in captions]
-        T = max(len(e[0]) for e in entries)
-        tokens = torch.zeros(len(captions), T, self.dim, device=self.device)  # (B, T, D)
-        mask = torch.zeros(len(captions), T, dtype=torch.bool, device=self.device)  # (B, T)
+        tokens = torch.zeros(len(captions), self.length, self.dim, device=self.device)   # (B, L, D)
+        mask = torch.zeros(len(captions), self.length, dtype=torch.bool, device=self.device)
         for i, (s, _) in enumerate(entries):
             tokens[i, :len(s)], mask[i, :len(s)] = s, True
         return tokens, mask, torch.stack([p for _, p in entries])
 
 
 def encode_text(enc, captions, device):
-    """Captions -> nami.Text on `device` (tokens, mask, pooled)."""
-    return nami.Text(*(t.to(device) for t in enc.encode(list(captions))))
+    """Captions -> nami.Text on `device`. Fixed-length text goes to the model without a mask:
+    it attends to every position, pads included, as FLUX and the released NAMI-2B do."""
+    tokens, _, pooled = enc.encode(list(captions))
+    return nami.Text(tokens.to(device), None, pooled.to(device))
 
 
 # -----------------------------------------------------------------------------
@@ -553,8 +593,8 @@ class VAE:
 
 def load_encoders(cfg, device="cpu", cache_size=0):
     """The text encoder (and VAE, for latent presets) that a model Config names."""
-    enc = TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, device=device,
-                      cache_size=cache_size)
+    enc = TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, length=cfg.text_len,
+                      device=device, cache_size=cache_size)
     if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
         raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
                          f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")

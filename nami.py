@@ -66,10 +66,17 @@ class Config:
     rope_theta: float = 10000.0
     text_dim: int = 384         # token width of the text encoder
     pooled_dim: int = 384       # width of its pooled vector
-    text_len: int = 16          # typical prompt length in tokens (FLOP estimates, bench)
+    text_len: int = 16          # every caption is padded (or cut) to this many tokens, no mask
     text_encoder: str = "all-MiniLM-L6-v2"
     pooled_encoder: str = ""    # "" = pool the text encoder's own states
     vae: str = ""               # "" = pixel space
+    # Choices where the released NAMI-2B differs from this file's own (README, "Decisions"):
+    rope_axes: tuple = ()       # rotary dims per position id (index, row, col); () = (0, Dh/2, Dh/2)
+    rope_grid: str = "final"    # "final": stage-k tokens sit where they cover the final grid; "stage": ids 0..h-1
+    stage_heads: bool = True    # one exit per stage; False: one exit shared by all (the release)
+    text_positions: bool = True # sinusoidal positions added to the text tokens (the release: none)
+    timesteps: str = "sigma"    # model time: "sigma" (true noise level) or "pyramid" (the release, see plan)
+    bridge: str = "linear"      # BridgeFlow: "linear" (W e + b + G xi) or "scale-shift" (the release)
 
     @property
     def K(self):
@@ -96,43 +103,61 @@ class Config:
                              f"so every stage has whole patches; try {max(unit, R // unit * unit)}")
         if len(self.windows) != K:
             raise ValueError(f"windows {self.windows} needs one ratio per stage (K = {K})")
-        if self.width % self.heads or (self.width // self.heads) % 4:
+        if self.width % self.heads or (not self.rope_axes and (self.width // self.heads) % 4):
             raise ValueError(f"width {self.width} / heads {self.heads} must give a head dim "
                              f"divisible by 4 (2D RoPE rotates pairs on two axes)")
         if not 0 <= self.double <= self.depth:
             raise ValueError(f"double={self.double} must lie in [0, depth={self.depth}]")
+        if sum(self.head_axes()) != self.width // self.heads or any(a % 2 for a in self.head_axes()):
+            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to the head dim {self.width // self.heads}")
+        for name, allowed in (("rope_grid", ("final", "stage")), ("timesteps", ("sigma", "pyramid")),
+                              ("bridge", ("linear", "scale-shift"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
+        if self.time_shift and self.timesteps == "pyramid":
+            raise ValueError("time_shift applies to timesteps='sigma' only (Pyramid Flow's scheduler has its own)")
         return self
 
+    def head_axes(self):
+        """Rotary dims per position axis (index, row, col) of one attention head."""
+        half = (self.width // self.heads) // 2
+        return tuple(self.rope_axes) or (0, half, half)
 
-# Paper Table 1: NAMI-0.6B 1536/12/12 with layer ratio 5:4:3, NAMI-2B 2048/22/16 with 9:7:6;
-# K = 3 stages at 256/512/1024 px = 32/64/128 latent cells (8x VAE, 16 channels, patch 2).
-# Block mix (the paper does not say): double-stream blocks first, as in FLUX (19 double +
-# 38 single), as many as land the parameter count closest to the paper's stated size:
-# 2b = 7 double + 15 single (2.04B; 6+16 = 1.95B, 8+14 = 2.13B), 0.6b = 3 + 9 (0.60B;
-# 4+8 = 0.65B). Every stage then contains all double blocks (stage 1 has 9 and 5 layers),
-# so even the cheapest stage keeps separate text and image weights; the nesting adds
-# single blocks (15 d^2 parameters each vs 36 d^2).
+    def bounds(self):
+        """Noise levels (s_k, e_k) of the K windows; Pyramid Flow's scheduler puts the window
+        ends on its grid of 1000 timesteps, so the release's windows do too."""
+        return window_bounds(self.windows, 1000 if self.timesteps == "pyramid" else None)
+
+
+# The released NAMI-2B (360CVGroup/NAMI-T2I, weights qihoo360/NAMI-T2I) settles what the
+# paper leaves open: 8 double-stream + 14 single-stream blocks at width 2048 (16 heads of
+# 128), stage k cutting the single blocks at [1, 8, 14] (9 / 16 / 22 blocks = 9:7:6), one
+# shared exit, FLUX's RoPE (axes 16/56/56, integer ids of each stage's own grid), mT5-XXL
+# token states padded to 256 (4096 wide) plus the first token of HunyuanDiT's mCLIP (1024),
+# Pyramid Flow's scheduler, and a scale-and-shift BridgeFlow. `2b` is that model; `0.6b`
+# keeps the paper's Table 1 numbers (1536/12/12, 5:4:3) in the release's conventions, with
+# the double/single mix that lands closest to 0.6B (3 + 9; 4 + 8 would be 0.65B).
+RELEASE = dict(resolution=128, channels=16, patch=2, text_dim=4096, pooled_dim=1024, text_len=256,
+               rope_axes=(16, 56, 56), rope_grid="stage", stage_heads=False, text_positions=False,
+               timesteps="pyramid", bridge="scale-shift", text_encoder="google/mt5-xxl",
+               pooled_encoder="Tencent-Hunyuan/HunyuanDiT/t2i/clip_text_encoder",
+               vae="black-forest-labs/FLUX.1-schnell/vae")
 PRESETS = {
     # Trains on 2 CPU cores in minutes on the shapes world (pixels, stages 8/16/32 = 4/16/64
-    # tokens). Tuned for accuracy per CPU minute (README's record): width 256 or patch 2 cost
+    # tokens). Tuned for accuracy per CPU minute (EXPERIMENTS.md): width 256 or patch 2 cost
     # 2.7x / 1.8x more per step, so they see that many fewer images in 15 minutes. All six
     # blocks are double-stream (SD3-style MM-DiT): at width 128, separate text and image
     # weights (more parameters, the same FLOPs per token) was the largest single gain we
     # measured. MLP ratio 2 buys 25% more steps at no loss. Windows 2:1:1 give the cheap 8x8
     # layout stage half the flow (sigma 1 -> 0.5): it beat 1:1:1 and 1:1:2 in equal-time runs.
+    # Captions of the shapes world are at most 14 MiniLM tokens.
     "tiny": dict(resolution=32, channels=3, patch=4, width=128, heads=4, double=6,
-                 stage_layers=(2, 2, 2), windows=(2, 1, 1), mlp_ratio=2.0),
+                 stage_layers=(2, 2, 2), windows=(2, 1, 1), mlp_ratio=2.0, text_len=14),
     # CIFAR-size, DiT-S-like width/depth/heads (384/12/6) with the 0.6b layer ratio.
     "cifar": dict(resolution=32, channels=3, patch=2, width=384, heads=6, double=3,
                   stage_layers=(5, 4, 3)),
-    "0.6b": dict(resolution=128, channels=16, patch=2, width=1536, heads=12, double=3,
-                 stage_layers=(5, 4, 3), text_dim=2048, pooled_dim=768, text_len=256,
-                 text_encoder="google/mt5-xl", pooled_encoder="openai/clip-vit-large-patch14",
-                 vae="black-forest-labs/FLUX.1-schnell/vae"),
-    "2b": dict(resolution=128, channels=16, patch=2, width=2048, heads=16, double=7,
-               stage_layers=(9, 7, 6), text_dim=2048, pooled_dim=768, text_len=256,
-               text_encoder="google/mt5-xl", pooled_encoder="openai/clip-vit-large-patch14",
-               vae="black-forest-labs/FLUX.1-schnell/vae"),
+    "0.6b": dict(RELEASE, width=1536, heads=12, double=3, stage_layers=(5, 4, 3)),
+    "2b": dict(RELEASE, width=2048, heads=16, double=8, stage_layers=(9, 7, 6)),
 }
 
 
@@ -173,8 +198,8 @@ TRAIN = {
                   sample_steps="10,10,10", phases="paper"),
     "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
                  sample_steps="10,10,10", phases="paper"),
-    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=4.0,
-               sample_steps="10,10,10", phases="paper"),
+    "2b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=3.0,
+               sample_steps="10,10,10", phases="paper"),      # the release samples 10/10/10 at CFG 3
 }
 
 
@@ -192,23 +217,35 @@ def up(x, factor=2):
     return F.interpolate(x, scale_factor=factor, mode="nearest") if factor > 1 else x
 
 
-def window_bounds(ratios):
+def window_bounds(ratios, grid=None):
     """Noise levels [(s_k, e_k)] of the K time windows, s_k > e_k.
 
     Window ENDS sit on the grid given by the ratios, in data weight a = 1 - sigma:
-    a_end(k) = (r_1 + ... + r_k) / sum(r). Each later window STARTS noisier, at
-    a_start(k) = a_end(k-1) / (2 - a_end(k-1)): the data weight that survives the jump
-    once Up() and fresh within-block noise restore i.i.d. noise (see renoise).
+    a_end(k) = (r_1 + ... + r_k) / sum(r), rounded down to a multiple of 1/grid if given.
+    Each later window STARTS noisier, at a_start(k) = a_end(k-1) / (2 - a_end(k-1)): the data
+    weight that survives the jump once Up() and fresh within-block noise restore i.i.d. noise
+    (see renoise; Pyramid Flow's gamma = 1/3 correction is the same formula).
     K=3, 1:1:1 gives sigma windows [1, 2/3], [0.8, 1/3], [0.5, 0].
     """
     if not ratios or min(ratios) <= 0:
         raise ValueError(f"window ratios must be positive, got {ratios}")
-    total, cum, bounds = float(sum(ratios)), 0.0, []
-    for r in ratios:
-        a_start = cum / (2 - cum)
+    total, cum, a_end, bounds = float(sum(ratios)), 0.0, 0.0, []
+    for k, r in enumerate(ratios):
+        a_start = a_end / (2 - a_end)
         cum += r / total
-        bounds.append((1 - a_start, 1 - min(cum, 1.0)))
+        a_end = 1.0 if k == len(ratios) - 1 else math.floor(cum * grid) / grid if grid else cum
+        bounds.append((1 - a_start, 1 - a_end))
     return bounds
+
+
+def pyramid_times(bounds, T=1000):
+    """Pyramid Flow's scheduler (the release's): the K windows share the global timesteps
+    T .. 1 in proportion to their flow lengths s_k - e_k, on an integer grid; the model is
+    fed timestep / T. Returns [(t_start, t_end)] per window, in units of T."""
+    lengths = [s - e for s, e in bounds]
+    cum = [sum(lengths[:k]) / sum(lengths) for k in range(len(bounds) + 1)]
+    return [((T - math.floor(T * cum[k])) / T, (T - min(math.floor(T * cum[k + 1]), T - 1)) / T)
+            for k in range(len(bounds))]
 
 
 def time_shift(u, shift):
@@ -305,19 +342,29 @@ class Text(NamedTuple):
 # Loss: multi-resolution joint training (paper Eq. 4 and Algorithm 1).
 
 
-def assign_stages(u, ratios, native=None):
-    """Stage (1..K) of each sample from uniform draws u (n,), with probabilities proportional
-    to `ratios` (4:2:1 = mostly low resolution), by inverse CDF. native: (n,) highest stage
-    each sample may serve (its native resolution): a sample is only used at stages <= that
-    (paper Sec. 3.3), with the ratios renormalised over those stages."""
-    K = len(ratios)
-    p = torch.tensor(ratios, dtype=torch.float64, device=u.device).expand(len(u), K).clone()
-    if native is not None:
-        p[torch.arange(1, K + 1, device=u.device) > native.to(u.device)[:, None]] = 0
-        if (p.sum(1) == 0).any():
-            raise ValueError("a sample's native stage has zero ratio everywhere at or below it")
-    cdf = p.cumsum(1) / p.sum(1, keepdim=True)
-    return (u.double()[:, None] >= cdf[:, :-1]).sum(1) + 1
+def stage_counts(n, ratios):
+    """Samples per stage in a batch of n: exactly proportional to `ratios` up to rounding
+    (largest remainder), at least one for every stage with a positive ratio if n allows."""
+    quota = [n * r / sum(ratios) for r in ratios]
+    counts = [math.floor(q) for q in quota]
+    for k in sorted(range(len(ratios)), key=lambda k: counts[k] - quota[k])[: n - sum(counts)]:
+        counts[k] += 1
+    for k in range(len(ratios)):
+        if ratios[k] > 0 and counts[k] == 0 and max(counts) > 1:
+            counts[counts.index(max(counts))] -= 1
+            counts[k] = 1
+    return counts
+
+
+def assign_stages(n, ratios, generator=None, device="cpu"):
+    """Stage (1..K) of each of n samples: exactly `stage_counts(n, ratios)` samples per stage
+    in a random order, so every stage's batch has the same size at every step (one compiled
+    graph per stage) and every sample is equally likely to land at any stage."""
+    order = torch.randperm(n, generator=generator, device=device)
+    stage = torch.empty(n, dtype=torch.long, device=device)
+    stage[order] = torch.repeat_interleave(torch.arange(1, len(ratios) + 1, device=device),
+                                           torch.tensor(stage_counts(n, ratios), device=device))
+    return stage
 
 
 def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1)):
@@ -325,10 +372,13 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
 
     x: (B,C,R,R) full-resolution images or latents in model space; text: Text for the batch;
     ratios: stage sampling ratios; weights: per-stage loss weights (default 1); native: (B,)
-    highest stage each sample may serve. Each sample trains one stage, on Down(x) at that
-    stage's size, through that stage's nested depth:
-        total = (1/B) sum_i w_{k(i)} || v_theta_k(x_i) - target_i ||^2 / (C H W)
-    so the ratios set each stage's share of the gradient and the weights rescale it.
+    highest stage each sample may serve (paper Sec. 3.3: a sample drawn for a higher stage
+    trains its native one instead). Each sample trains one stage, on Down(x) at that
+    stage's size, through that stage's nested depth, at a local time l (the fraction of the
+    window's noise still left) drawn logit-normal as in SD3:
+        total = (1/B) sum_i c_k w_k || v_theta_k(x_i(l_i), t_k(l_i)) - target_i ||^2 / (C H W)
+    Stage k gets n_k = stage_counts(B, ratios)[k] samples, and c_k = (B r_k / sum r) / n_k
+    undoes the rounding, so the loss is an unbiased estimate of the ratio-weighted objective.
     shard = (rank, world): x holds samples rank, rank + world, ... of a global batch. The
     random draws are made for the whole global batch and this shard takes its share, so
     averaging the ranks' gradients gives exactly the single-process gradient.
@@ -340,43 +390,85 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
     rank, world = shard
     n, dev = len(x) * world, x.device
     draw = lambda t: t[rank::world]
-    stage_of = assign_stages(draw(torch.rand(n, generator=generator, device=dev)), ratios, native)
+    stage_of = draw(assign_stages(n, ratios, generator, dev))
+    if native is not None:                                # a sample serves only stages <= its native one
+        stage_of = torch.minimum(stage_of, native.to(dev))
     u = draw(logit_normal(n, generator, dev))            # noise fraction left in the window
     noise = draw(torch.randn((n,) + x.shape[1:], generator=generator, device=dev, dtype=x.dtype))
-    bounds = window_bounds(cfg.windows)
+    counts_plan = stage_counts(n, ratios)
     total, per_stage, counts = x.new_zeros(()), {}, {}
-    for k in range(1, K + 1):
+    for win in plan(cfg):
+        k = win.stage
         idx = (stage_of == k).nonzero().squeeze(1)
         # a stage with no samples still runs (on an empty batch): every parameter gets a
         # gradient every step, so one process and N ranks (DDP, FSDP's collectives) agree
         xk = down(x[idx], 2 ** (K - k))                                   # (b, C, R_k, R_k)
         nk = noise[idx][..., : xk.shape[-2], : xk.shape[-1]]              # a crop of i.i.d. noise
         shift = resolution_shift((xk.shape[-1] // cfg.patch) ** 2) if cfg.time_shift else 1.0
-        xt, sigma, target = training_point(xk, nk, bounds[k - 1], 1 - time_shift(u[idx], shift))
-        pred = model(xt, sigma, text.select(idx), stage=k)
+        local = time_shift(u[idx], shift)                                 # (b,) l: 1 = window start
+        xt, _, v = training_point(xk, nk, (win.s, win.e), 1 - local)
+        pred = model(xt, win.time(local), text.select(idx), stage=k)
+        target = v * ((win.s - win.e) / win.unit)                         # dx/dl = unit * prediction
         mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)   # (b,)
+        c = (n * ratios[k - 1] / sum(ratios)) / max(counts_plan[k - 1], 1)
         w = 1.0 if weights is None else weights[k - 1]
-        total = total + w * mse.sum() / len(x)
+        total = total + c * w * mse.sum() / len(x)
         if len(idx):
             per_stage[k], counts[k] = mse.detach().mean(), len(idx)
     return total, per_stage, counts
 
 
 # -----------------------------------------------------------------------------
-# Samplers: Euler over sigma within each window, jumps between windows.
+# Samplers: Euler inside each window, jumps between windows.
 
 
-def stage_plan(cfg, variant="nami"):
-    """[(stage, s, e, depth)] the sampler walks through. Variants share the same weights:
+class Window(NamedTuple):
+    """One window of the sampler's plan. Inside it the state moves from the window's start
+    (local time l = 1, noise level s) to its end (l = 0, noise level e); the model at stage
+    `stage` runs `depth` blocks and is fed the time t_end + l (t_start - t_end), and its output
+    v gives dx/dl = unit * v. Two conventions (Config.timesteps):
+      sigma    t = the true noise level (t_start = s, t_end = e), v = dx/dsigma (unit = s - e):
+               one Euler rule for every window, and K = 1 is plain rectified flow (FLUX, SD3)
+      pyramid  t = Pyramid Flow's global timestep / 1000 (pyramid_times), v = start - end of
+               the window (unit = 1): how the released NAMI-2B was trained and is sampled"""
+    stage: int
+    s: float
+    e: float
+    depth: int
+    t_start: float
+    t_end: float
+    unit: float
+
+    def time(self, local):
+        return self.t_end + local * (self.t_start - self.t_end)
+
+
+def plan(cfg, variant="nami"):
+    """[Window] the sampler walks through. Variants share the same weights:
       nami      K windows, stage k at its resolution with its nested depth
       piecewise K windows, full depth at every stage (the paper's "flow only" ablation)
       baseline  one window [1, 0] at full resolution and full depth (FLUX-style uniform)"""
-    if variant == "baseline":
-        return [(cfg.K, 1.0, 0.0, cfg.depth)]
-    if variant not in ("nami", "piecewise"):
+    if variant not in ("nami", "piecewise", "baseline"):
         raise ValueError(f"variant must be nami, piecewise or baseline, not {variant!r}")
-    depth = lambda k: cfg.stage_depth(k) if variant == "nami" else cfg.depth
-    return [(k, s, e, depth(k)) for k, (s, e) in enumerate(window_bounds(cfg.windows), 1)]
+    bounds = [(1.0, 0.0)] if variant == "baseline" else cfg.bounds()
+    stages = [cfg.K] if variant == "baseline" else range(1, cfg.K + 1)
+    times = pyramid_times(bounds) if cfg.timesteps == "pyramid" else bounds
+    return [Window(k, s, e, cfg.stage_depth(k) if variant == "nami" else cfg.depth, t0, t1,
+                   1.0 if cfg.timesteps == "pyramid" else s - e)
+            for k, (s, e), (t0, t1) in zip(stages, bounds, times)]
+
+
+def local_grid(cfg, win, steps, tokens):
+    """Local times 1 = l_0 > ... > l_steps = 0 of a window's Euler steps. sigma: uniform, or
+    with FLUX's resolution shift (time_shift) for `tokens` image tokens, spaced as in
+    training. pyramid: the released scheduler's grid, uniform down to one global timestep
+    (1/1000) above the window's end, then one last step onto it."""
+    u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    if cfg.timesteps == "pyramid":
+        u[:-1] = torch.linspace(1, 0.001 / (win.t_start - win.t_end), steps, dtype=torch.float64)
+    elif cfg.time_shift:
+        u = time_shift(u, resolution_shift(tokens))
+    return u.tolist()
 
 
 def parse_steps(s, K):
@@ -394,19 +486,29 @@ def parse_steps(s, K):
     return steps
 
 
-def guided_velocity(model, x, sigma, text, uncond=None, scale=1.0, stage=None, depth=None):
+def guided_velocity(model, x, t, text, uncond=None, scale=1.0, stage=None, depth=None):
     """Classifier-free guidance: v_u + scale (v_c - v_u), one batched forward pass."""
     if uncond is None:
-        return model(x, sigma, text, stage, depth)
-    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), text.cat(uncond), stage, depth)
+        return model(x, t, text, stage, depth)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), text.cat(uncond), stage, depth)
     v_c, v_u = v.chunk(2)
     return v_u + scale * (v_c - v_u)
+
+
+def start_noise(cfg, B, R, size, generator=None, device="cpu", dtype=torch.float32):
+    """The first window's pure noise at `size`, drawn as the release does: full-resolution
+    unit noise, 2x2-averaged (= bilinear halving) and doubled per halving, which is again
+    i.i.d. unit noise (a mean of 4 unit values has std 1/2) and ties all stages to one draw."""
+    z = torch.randn((B, cfg.channels, R, R), generator=generator, device=device, dtype=dtype)
+    while z.shape[-1] > size:
+        z = 2 * down(z)
+    return z
 
 
 @torch.no_grad()
 def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transition="renoise",
            variant="nami", resolution=None, generator=None, noise=None, first=1, last=None):
-    """Generate B images for the B prompts in `text` (uncond: the empty prompt, for CFG).
+    """Generate B images for the B prompts in `text` (uncond: the empty or negative prompt, for CFG).
 
     steps: Euler steps per window (len K; one number for the baseline). transition:
     "renoise" or "bridge" (model.bridge). resolution: final size (default cfg.resolution).
@@ -417,14 +519,14 @@ def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transiti
     The baseline variant with a K = 1 model is the plain uniform rectified-flow sampler.
     """
     cfg = model.cfg
-    plan = stage_plan(cfg, variant)
-    last = last or len(plan)
-    if not 1 <= first <= last <= len(plan):
-        raise ValueError(f"windows {first}..{last}: they are numbered 1..{len(plan)} for {variant}")
-    plan = plan[first - 1: last]
+    windows = plan(cfg, variant)
+    last = last or len(windows)
+    if not 1 <= first <= last <= len(windows):
+        raise ValueError(f"windows {first}..{last}: they are numbered 1..{len(windows)} for {variant}")
+    windows = windows[first - 1: last]
     steps = (steps,) if isinstance(steps, int) else tuple(steps)
-    if len(steps) != len(plan):
-        raise ValueError(f"steps {steps} needs one count per window ({len(plan)} for {variant}"
+    if len(steps) != len(windows):
+        raise ValueError(f"steps {steps} needs one count per window ({len(windows)} for {variant}"
                          + (f" from window {first})" if first > 1 else ")"))
     if first > 1 and noise is None:
         raise ValueError(f"starting in window {first} needs its start state as `noise`")
@@ -437,24 +539,19 @@ def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transiti
     if text.mask is not None and bool(text.mask.all()):   # no padding: unmasked (flash) attention
         text = text._replace(mask=None)
     dtype = next(model.parameters()).dtype
-    k0 = plan[0][0]
-    size = cfg.stage_resolution(k0, R)
-    x = noise if noise is not None else torch.randn(
-        (B, cfg.channels, size, size), generator=generator, device=dev, dtype=dtype)
-    bounds, ends = window_bounds(cfg.windows), []
-    for i, (k, s, e, depth) in enumerate(plan):
+    x = noise if noise is not None else start_noise(
+        cfg, B, R, cfg.stage_resolution(windows[0].stage, R), generator, dev, dtype)
+    ends = []
+    for i, win in enumerate(windows):
         if i > 0:                                          # jump point: k-1 -> k
             z = torch.randn((B, cfg.channels, 2 * x.shape[-2], 2 * x.shape[-1]),
                             generator=generator, device=dev, dtype=x.dtype)
-            a = 1 - bounds[k - 2][1]
-            x = renoise(x, a, z) if transition == "renoise" else model.bridge(x, k, z)
-        shift = resolution_shift((x.shape[-1] // cfg.patch) ** 2) if cfg.time_shift else 1.0
-        u = time_shift(torch.linspace(1, 0, steps[i] + 1, dtype=torch.float64), shift)
-        sigmas = (e + (s - e) * u).tolist()               # s -> e, spaced as in training
-        for sg, sg_next in zip(sigmas[:-1], sigmas[1:]):
-            sig = torch.full((B,), sg, device=dev, dtype=x.dtype)
-            v = guided_velocity(model, x, sig, text, uncond, cfg_scale, k, depth)
-            x = x + (sg_next - sg) * v.to(x.dtype)
+            x = renoise(x, 1 - windows[i - 1].e, z) if transition == "renoise" else model.bridge(x, win.stage, z)
+        grid = local_grid(cfg, win, steps[i], (x.shape[-1] // cfg.patch) ** 2)
+        for l, l_next in zip(grid[:-1], grid[1:]):
+            t = torch.full((B,), win.time(l), device=dev, dtype=x.dtype)
+            v = guided_velocity(model, x, t, text, uncond, cfg_scale, win.stage, win.depth)
+            x = x + ((l_next - l) * win.unit) * v.to(x.dtype)
         ends.append(x)
     return x, ends
 
@@ -544,6 +641,43 @@ class BridgeFlow(nn.Module):
         return float(torch.diagonal(res).mean())          # the fitted MSE per element
 
 
+class ScaleShiftBridge(nn.Module):
+    """BridgeFlow as the released NAMI-2B ships it (bridge_flow.bin): per jump k-1 -> k,
+
+        start_k = scale_k Up(e) + shift_k,    scale_k a scalar, shift_k (1, C, R_k, R_k),
+
+    with no fresh noise. Its training is not released; `fit` solves the same least-squares
+    objective as BridgeFlow's restricted to this form (per position: shift = E[T] - scale E[Up e]).
+    Decision: at another resolution than the one it was fitted at, shift_k is resized
+    bilinearly. Initialised to renoise's mean (scale 1/(2-a), shift 0)."""
+
+    def __init__(self, channels, bounds, sizes):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.0 / (1 + bounds[j][1]) for j in range(len(bounds) - 1)]))
+        self.shift = nn.ParameterList([nn.Parameter(torch.zeros(1, channels, r, r)) for r in sizes[1:]])
+
+    def forward(self, e, k, xi=None):
+        shift = self.shift[k - 2]
+        if shift.shape[-1] != 2 * e.shape[-1]:
+            shift = F.interpolate(shift, size=(2 * e.shape[-2], 2 * e.shape[-1]), mode="bilinear")
+        return self.scale[k - 2] * up(e) + shift.to(e.dtype)
+
+    @torch.no_grad()
+    def fit(self, k, pairs):
+        """Least squares of T on (Up(e), 1) per position, from streamed (e, xi, T) batches."""
+        s = {}
+        for e, _, T in pairs:
+            U, T = up(e).double(), T.double()
+            for name, v in (("n", torch.ones_like(U)), ("u", U), ("t", T), ("uu", U * U), ("ut", U * T), ("tt", T * T)):
+                s[name] = s.get(name, 0) + v.sum(0, keepdim=True)
+        n, mu, mt = s["n"], s["u"] / s["n"], s["t"] / s["n"]
+        cuu, cut, ctt = s["uu"] - n * mu * mu, s["ut"] - n * mu * mt, s["tt"] - n * mt * mt
+        scale = cut.sum() / cuu.sum()
+        self.scale[k - 2] = scale
+        self.shift[k - 2].copy_(mt - scale * mu)
+        return float((ctt - 2 * scale * cut + scale ** 2 * cuu).sum() / n.sum())   # fitted MSE per element
+
+
 def bridge_pairs(x, k, bounds, generator=None, stage_end=None):
     """One batch of BridgeFlow pre-training pairs (e, xi, T) for the jump k-1 -> k.
 
@@ -577,40 +711,44 @@ def sinusoidal(t, dim, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
 
 
-def timestep_embedding(sigma, dim=256):
-    """Sinusoidal embedding of sigma * 1000 (FLUX/DiT convention). (B,) -> (B, dim)"""
-    return sinusoidal(1000.0 * sigma, dim)
+def timestep_embedding(t, dim=256):
+    """Sinusoidal embedding of the model time t * 1000 (FLUX/DiT convention). (B,) -> (B, dim)"""
+    return sinusoidal(1000.0 * t, dim)
 
 
-def rope(h, w, stride, head_dim, theta, text_len, device):
-    """2D rotary position embedding for [text; h x w image grid]: unit complex numbers
-    (text_len + h*w, head_dim/2). Half the rotary pairs encode the row, half the column;
-    text tokens get angle 0 (no rotation), as in FLUX.
+def rope_angles(cfg, stage, h, w, text_len):
+    """Rotary angles for [text; h x w image grid] (FLUX's RoPE): (text_len + h*w, Dh/2), float64.
+    Each token has position ids (index, row, col); axis a with d_a rotary dims turns its
+    pairs j = 0 .. d_a/2 - 1 by id * theta^(-2j/d_a). Text tokens have ids 0 (no rotation)
+    and the index id is always 0 here (FLUX uses it for extra images).
 
-    Decision: positions are measured on the final (stage-K) token grid. A stage-k token
-    covers stride = 2^(K-k) final tokens and sits at their centre, i*stride + (stride-1)/2,
-    so the same image location has the same rotary phase at every stage and what the
-    shared blocks learn about "where" carries across resolutions."""
-    q = head_dim // 4
-    freqs = 1.0 / theta ** (torch.arange(q, device=device, dtype=torch.float64) / q)
-    rows = torch.arange(h, device=device, dtype=torch.float64) * stride + (stride - 1) / 2
-    cols = torch.arange(w, device=device, dtype=torch.float64) * stride + (stride - 1) / 2
-    ang = torch.cat([(rows[:, None, None] * freqs).expand(h, w, q),
-                     (cols[None, :, None] * freqs).expand(h, w, q)], -1).reshape(h * w, 2 * q)
-    ang = F.pad(ang, (0, 0, text_len, 0)).float()
-    return torch.polar(torch.ones_like(ang), ang)
-
-
-def apply_rope(x, rot):
-    """Rotate consecutive pairs of x (..., N, Dh) by rot (N, Dh/2), as complex products."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+    Decision (Config.rope_grid): "final" measures image positions on the final (stage-K)
+    token grid: a stage-k token covers stride = 2^(K-k) final tokens and sits at their
+    centre, i*stride + (stride-1)/2, so a location has the same phase at every stage and what
+    the shared blocks learn about "where" carries across resolutions. "stage" gives each
+    stage the integer ids 0..h-1 of its own grid, as the released NAMI-2B (and FLUX) do."""
+    stride = 2 ** (cfg.K - stage) if cfg.rope_grid == "final" else 1
+    rows = torch.arange(h, dtype=torch.float64) * stride + (stride - 1) / 2
+    cols = torch.arange(w, dtype=torch.float64) * stride + (stride - 1) / 2
+    ids = torch.stack([torch.zeros(h, w, dtype=torch.float64), rows[:, None].expand(h, w),
+                       cols[None, :].expand(h, w)], -1).reshape(h * w, 3)
+    ids = F.pad(ids, (0, 0, text_len, 0))                                  # text: ids 0
+    per_axis = [ids[:, a, None] * cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+                for a, d in enumerate(cfg.head_axes())]
+    return torch.cat(per_axis, -1)
 
 
-def attention(q, k, v, rot, mask):
-    """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rot: rotary factors
-    for all N tokens; mask: (B,N) bool or None."""
-    q, k = apply_rope(q, rot), apply_rope(k, rot)
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by the angles behind
+    cos, sin (N, Dh/2): real arithmetic, so torch.compile generates it like any other op."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
+
+
+def attention(q, k, v, rope, mask):
+    """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rope: the (cos, sin)
+    tables for all N tokens; mask: (B,N) bool or None (fixed-length text needs none)."""
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     m = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     return out.transpose(1, 2).flatten(2)                  # (B, N, H*Dh)
@@ -634,8 +772,10 @@ class QKNorm(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, d_in, d_hidden, d_out):
-        super().__init__(nn.Linear(d_in, d_hidden), nn.GELU(approximate="tanh"), nn.Linear(d_hidden, d_out))
+    """Linear, activation, linear: GELU(tanh) in the blocks, SiLU in the conditioning (FLUX)."""
+
+    def __init__(self, d_in, d_hidden, d_out, act=None):
+        super().__init__(nn.Linear(d_in, d_hidden), act or nn.GELU(approximate="tanh"), nn.Linear(d_hidden, d_out))
 
 
 class DoubleBlock(nn.Module):
@@ -657,7 +797,7 @@ class DoubleBlock(nn.Module):
                 setattr(self, f"{s}_proj", nn.Linear(d, d))
                 setattr(self, f"{s}_mlp", MLP(d, hidden, d))
 
-    def forward(self, img, txt, vec, rot, mask):
+    def forward(self, img, txt, vec, rope, mask):
         im = self.img_mod(F.silu(vec)).chunk(6, -1)
         tm = self.txt_mod(F.silu(vec)).chunk(6 if self.text_out else 2, -1)
         qkv = []
@@ -666,7 +806,7 @@ class DoubleBlock(nn.Module):
             q, k, v = getattr(self, f"{s}_qkv")(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
             qkv.append((*getattr(self, f"{s}_norm")(q, k), v))
         q, k, v = (torch.cat(t, 2) for t in zip(*qkv))    # each (B, H, T + N, Dh): text first, then image
-        a = attention(q, k, v, rot, mask)
+        a = attention(q, k, v, rope, mask)
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
         for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta))[: 2 if self.text_out else 1]:
@@ -688,13 +828,13 @@ class SingleBlock(nn.Module):
         self.linear2 = nn.Linear(d + self.hidden, d)
         self.norm = QKNorm(d // heads)
 
-    def forward(self, x, vec, rot, mask):
+    def forward(self, x, vec, rope, mask):
         shift, scale, gate = self.mod(F.silu(vec)).chunk(3, -1)
         h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * x.shape[-1], self.hidden], -1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k)
-        a = attention(q, k, v, rot, mask)
+        a = attention(q, k, v, rope, mask)
         # linear2 over [attention, mlp] without materialising the (B, N, 5d) concatenation
         W, d = self.linear2.weight, x.shape[-1]
         out = F.linear(a, W[:, :d], self.linear2.bias) + F.linear(F.gelu(mlp, approximate="tanh"), W[:, d:])
@@ -702,7 +842,7 @@ class SingleBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """Exit of one stage: adaLN (shift, scale) then a linear map to patch values."""
+    """Exit: adaLN (shift, scale) then a linear map to patch values."""
 
     def __init__(self, d, out):
         super().__init__()
@@ -716,17 +856,19 @@ class Head(nn.Module):
 
 class NAMI(nn.Module):
     """The nested stage model: one stack of blocks; stage k runs the prefix
-    m_1 (+) ... (+) m_k at its resolution and exits through its own head.
+    m_1 (+) ... (+) m_k at its resolution and exits through its head.
 
-    Decision: one exit head per stage (adaLN + linear, 2 d^2 parameters each, 1% of 2B):
-    block L_k's output must both be read out as stage k's velocity and feed block L_k + 1
-    at later stages; separate heads keep those two jobs apart. Patch embedding and the
-    conditioning MLPs are shared. With K = 1 this is the uniform FLUX-style baseline.
+    Decision (Config.stage_heads): one exit head per stage (adaLN + linear, 2 d^2 parameters
+    each, 1% of 2B): block L_k's output must both be read out as stage k's velocity and feed
+    block L_k + 1 at later stages; separate heads keep those two jobs apart. The release
+    shares one. Patch embedding and the conditioning MLPs are always shared. With K = 1 this
+    is the uniform FLUX-style baseline.
 
-    Decision: text tokens get a sinusoidal position added after their projection. Their
-    rotary angle is 0 (as in FLUX), so without it joint attention sees the caption as a set
-    of tokens and word order survives only inside the encoder's states; T5 keeps it well,
-    a sentence encoder like MiniLM barely ("red" as subject vs object: cosine 0.94).
+    Decision (Config.text_positions): text tokens get a sinusoidal position added after
+    their projection. Their rotary angle is 0 (as in FLUX), so without it joint attention
+    sees the caption as a set of tokens and word order survives only inside the encoder's
+    states; T5 keeps it well, a sentence encoder like MiniLM barely ("red" as subject vs
+    object: cosine 0.94).
     """
 
     def __init__(self, cfg: Config):
@@ -735,14 +877,17 @@ class NAMI(nn.Module):
         self.cfg, d, p = cfg, cfg.width, cfg.patch
         self.img_in = nn.Linear(cfg.channels * p * p, d)
         self.txt_in = nn.Linear(cfg.text_dim, d)
-        self.time_in = MLP(256, d, d)
-        self.vector_in = MLP(cfg.pooled_dim, d, d)
+        self.time_in = MLP(256, d, d, nn.SiLU())
+        self.vector_in = MLP(cfg.pooled_dim, d, d, nn.SiLU())
         self.blocks = nn.ModuleList(
             [DoubleBlock(d, cfg.heads, cfg.mlp_ratio, text_out=i + 1 < cfg.depth) for i in range(cfg.double)]
             + [SingleBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth - cfg.double)])
-        self.heads = nn.ModuleList([Head(d, cfg.channels * p * p) for _ in range(cfg.K)])
-        self.bridge = BridgeFlow(cfg.channels, window_bounds(cfg.windows))
+        self.heads = nn.ModuleList([Head(d, cfg.channels * p * p) for _ in range(cfg.K if cfg.stage_heads else 1)])
+        sizes = [cfg.stage_resolution(k) for k in range(1, cfg.K + 1)]
+        self.bridge = (BridgeFlow(cfg.channels, cfg.bounds()) if cfg.bridge == "linear"
+                       else ScaleShiftBridge(cfg.channels, cfg.bounds(), sizes))
         self.grad_checkpointing = False
+        self.tables = {}                                  # (stage, h, w, T, device) -> rotary tables, text positions
         self.init_weights()
 
     def init_weights(self):
@@ -764,33 +909,54 @@ class NAMI(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, sigma, text: Text, stage=None, depth=None):
-        """x: (B,C,H,W) noisy input at stage `stage`'s resolution; sigma: (B,) its noise
-        level; text: Text. depth overrides the stage's number of blocks (bench variants).
-        Returns the predicted velocity dx/dsigma, (B,C,H,W)."""
-        cfg, p = self.cfg, self.cfg.patch
+    def forward(self, x, t, text: Text, stage=None, depth=None):
+        """x: (B,C,H,W) noisy input at stage `stage`'s resolution; t: (B,) model time (the
+        noise level sigma, or Pyramid Flow's timestep / 1000: see Window); text: Text.
+        depth overrides the stage's number of blocks (bench variants). Returns the velocity
+        in the config's convention (dx/dsigma, or the window's start - end), (B,C,H,W)."""
+        cfg = self.cfg
         stage = cfg.K if stage is None else stage
         depth = cfg.stage_depth(stage) if depth is None else depth
+        H, W = x.shape[-2:]
+        if H % cfg.patch or W % cfg.patch:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {cfg.patch}")
+        key = (stage, H // cfg.patch, W // cfg.patch, text.tokens.shape[1], x.device)
+        if key not in self.tables:                        # built once per (stage, grid, text length)
+            ang = rope_angles(cfg, stage, *key[1:4])
+            order = sinusoidal(torch.arange(key[3]), cfg.width).to(x.device) if cfg.text_positions else None
+            self.tables[key] = (ang.cos().float().to(x.device), ang.sin().float().to(x.device), order)
+        return self.stage_forward(x, t, text.tokens, text.mask, text.pooled, self.tables[key], stage, depth)
+
+    def stage_forward(self, x, t, tokens, mask, pooled, tables, stage, depth):
+        """The stage's network, a pure tensor function with static stage and depth: what
+        torch.compile compiles (compile_stages), one graph per stage and input shape."""
+        cfg, p = self.cfg, self.cfg.patch
         B, C, H, W = x.shape
-        if H % p or W % p:
-            raise ValueError(f"input {H}x{W} is not divisible by the patch size {p}")
         h, w = H // p, W // p
+        cos, sin, order = tables
         img = self.img_in(x.unflatten(2, (h, p)).unflatten(4, (w, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2))
-        order = sinusoidal(torch.arange(text.tokens.shape[1], device=x.device), cfg.width)   # (T, d)
-        txt = self.txt_in(text.tokens.to(img.dtype)) + order.to(img.dtype)                   # (B, T, d)
-        vec = self.time_in(timestep_embedding(sigma).to(img.dtype)) + self.vector_in(text.pooled.to(img.dtype))
-        rot = rope(h, w, 2 ** (cfg.K - stage), cfg.width // cfg.heads, cfg.rope_theta, txt.shape[1], x.device)
-        mask = None if text.mask is None else F.pad(text.mask, (0, h * w), value=True)
+        txt = self.txt_in(tokens.to(img.dtype))                                              # (B, T, d)
+        if order is not None:
+            txt = txt + order.to(img.dtype)
+        vec = self.time_in(timestep_embedding(t).to(img.dtype)) + self.vector_in(pooled.to(img.dtype))
+        mask = None if mask is None else F.pad(mask, (0, h * w), value=True)
         run = lambda blk, *a: checkpoint(blk, *a, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*a)
         for blk in self.blocks[: min(depth, cfg.double)]:
-            img, txt = run(blk, img, txt, vec, rot, mask)
+            img, txt = run(blk, img, txt, vec, (cos, sin), mask)
         if depth > cfg.double:
             seq = torch.cat([txt, img], 1)                                    # (B, T + N, d)
             for blk in self.blocks[cfg.double: depth]:
-                seq = run(blk, seq, vec, rot, mask)
+                seq = run(blk, seq, vec, (cos, sin), mask)
             img = seq[:, txt.shape[1]:]
-        out = self.heads[stage - 1](img, vec)                                 # (B, N, C p p)
+        out = self.heads[stage - 1 if cfg.stage_heads else 0](img, vec)      # (B, N, C p p)
         return out.unflatten(2, (C, p, p)).unflatten(1, (h, w)).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def compile_stages(model, **kw):
+    """torch.compile the model's stage network (fullgraph: no graph breaks). The rotary
+    tables stay outside, cached per grid, so each stage compiles once per input shape."""
+    model.stage_forward = torch.compile(model.stage_forward, fullgraph=True, dynamic=False, **kw)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -824,9 +990,9 @@ def sampling_flops(cfg, steps, variant="nami", resolution=None, cfg_scale=1.0, t
     (x2 with classifier-free guidance)."""
     R, total = resolution or cfg.resolution, 0
     steps = (steps,) if isinstance(steps, int) else steps
-    for (k, s, e, depth), n in zip(stage_plan(cfg, variant), steps):
-        tokens = (cfg.stage_resolution(k, R) // cfg.patch) ** 2
-        total += n * forward_flops(cfg, tokens, depth, text_len) * (1 if cfg_scale == 1.0 else 2)
+    for win, n in zip(plan(cfg, variant), steps):
+        tokens = (cfg.stage_resolution(win.stage, R) // cfg.patch) ** 2
+        total += n * forward_flops(cfg, tokens, win.depth, text_len) * (1 if cfg_scale == 1.0 else 2)
     return total
 
 

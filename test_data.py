@@ -312,16 +312,25 @@ CAPS = ["a photo of a cat", "dog", "", "a big red car on the house in the small 
 @pytest.mark.parametrize("kind,dim,cls", [("bert", 32, "BertModel"), ("t5", 24, "T5EncoderModel"),
                                           ("clip", 40, "CLIPTextModel")])
 def test_text_encoder_shapes_mask_and_pooling(tiny_encoders, kind, dim, cls):
-    enc = data.TextEncoder(tiny_encoders[kind], pooled_from="", cache_size=0)  # "" = no second model
+    enc = data.TextEncoder(tiny_encoders[kind], pooled_from="", length=16, cache_size=0)  # "" = no second model
     assert enc.pooler is None and enc.id == tiny_encoders[kind]
     assert type(enc.model).__name__ == cls and enc.dim == dim and enc.pooled_dim == dim
     assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
     tokens, mask, pooled = enc.encode(CAPS)
     n_tok = [len(enc.tokenizer(c)["input_ids"]) for c in CAPS]
-    assert tokens.shape == (4, max(n_tok), dim) and tokens.dtype == torch.float32
-    assert mask.dtype == torch.bool and mask.sum(1).tolist() == n_tok
-    assert mask[:, 0].all() and (tokens[~mask] == 0).all()
+    assert tokens.shape == (4, 16, dim) and tokens.dtype == torch.float32   # always padded to `length`
+    # mask: the positions that hold states (T5 keeps all; the others' pads are zeros)
+    assert mask.dtype == torch.bool and mask.sum(1).tolist() == ([16] * 4 if kind == "t5" else n_tok)
     assert pooled.shape == (4, dim) and pooled.dtype == torch.float32
+    ids = enc.tokenizer(CAPS, padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        if kind == "t5":   # FLUX's and the release's T5: run on the padded ids without a mask, keep all 16
+            ref = enc.model(input_ids=ids["input_ids"]).last_hidden_state
+            assert torch.allclose(tokens, ref, atol=1e-6) and (tokens != 0).any(-1).all()
+        else:              # masked; pad positions are zeros
+            ref = enc.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+            real = ids["attention_mask"].bool()
+            assert torch.allclose(tokens[real], ref[real], atol=1e-6) and (tokens[~real] == 0).all()
     for i, n in enumerate(n_tok):
         if kind == "clip":  # pooler_output is the final state at EOS, the last real token here
             assert torch.equal(pooled[i], tokens[i, n - 1])
@@ -330,18 +339,18 @@ def test_text_encoder_shapes_mask_and_pooling(tiny_encoders, kind, dim, cls):
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5", "clip"])
-def test_text_encoder_padding_does_not_change_states(tiny_encoders, kind):
-    enc = data.TextEncoder(tiny_encoders[kind], cache_size=0)
+def test_text_encoder_states_do_not_depend_on_the_batch(tiny_encoders, kind):
+    enc = data.TextEncoder(tiny_encoders[kind], length=20, cache_size=0)
     t1, m1, p1 = enc.encode(["dog on a car"])
     t2, m2, p2 = enc.encode([CAPS[3], "dog on a car"])
-    n = int(m1.sum())
-    assert m2[1].sum() == n and t2.shape[1] > n
-    assert torch.allclose(t1[0, :n], t2[1, :n], atol=1e-5) and torch.allclose(p1[0], p2[1], atol=1e-5)
+    assert torch.equal(m1[0], m2[1]) and torch.allclose(t1[0], t2[1], atol=1e-5) and torch.allclose(p1[0], p2[1], atol=1e-5)
 
 
-def test_text_encoder_truncates(tiny_encoders):
-    tokens, mask, _ = data.TextEncoder(tiny_encoders["bert"], max_length=5).encode(CAPS)
-    assert tokens.shape[1] == 5 and mask.sum(1).tolist() == [5, 3, 2, 5]
+def test_text_encoder_truncates_and_counts(tiny_encoders):
+    enc = data.TextEncoder(tiny_encoders["bert"], length=5)
+    with pytest.warns(UserWarning, match="longer than the model's 5 text tokens"):
+        tokens, mask, _ = enc.encode(CAPS)
+    assert tokens.shape[1] == 5 and mask.sum(1).tolist() == [5, 3, 2, 5] and enc.cut == 2
 
 
 def test_text_encoder_cache_is_exact_and_skips_the_model(tiny_encoders):
@@ -368,18 +377,18 @@ def test_text_encoder_cache_is_exact_and_skips_the_model(tiny_encoders):
 
 def test_text_encoder_loads_text_half_of_full_checkpoints(tiny_encoders):
     from transformers import CLIPModel, T5ForConditionalGeneration
-    enc = data.TextEncoder(tiny_encoders["fullclip"])
-    assert type(enc.model).__name__ == "CLIPTextModel" and enc.is_clip and enc.dim == 40
+    enc = data.TextEncoder(tiny_encoders["fullclip"], length=12)
+    assert type(enc.model).__name__ == "CLIPTextModel" and enc.kind == "clip" and enc.dim == 40
     full = CLIPModel.from_pretrained(tiny_encoders["fullclip"]).eval()
-    ids = enc.tokenizer(CAPS[:2], padding="longest", return_tensors="pt")
+    ids = enc.tokenizer(CAPS[:2], padding="max_length", max_length=12, return_tensors="pt")
     with torch.no_grad():
         ref = full.text_model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).pooler_output
     assert torch.allclose(enc.encode(CAPS[:2])[2], ref, atol=1e-6)
-    enc = data.TextEncoder(tiny_encoders["t5"])
+    enc = data.TextEncoder(tiny_encoders["t5"], length=12)
     full = T5ForConditionalGeneration.from_pretrained(tiny_encoders["t5"]).eval()
     with torch.no_grad():
-        ref = full.encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
-    assert torch.allclose(enc.encode(CAPS[:2])[0][1, :3], ref[1, :3], atol=1e-6)
+        ref = full.encoder(input_ids=ids["input_ids"]).last_hidden_state
+    assert torch.allclose(enc.encode(CAPS[:2])[0], ref, atol=1e-6)
 
 
 def test_text_encoder_pooled_from_second_model(tiny_encoders):
@@ -388,10 +397,27 @@ def test_text_encoder_pooled_from_second_model(tiny_encoders):
     assert enc.dim == 24 and enc.pooled_dim == 40 and enc.id == f"{t5}+{clip}"
     tokens, mask, pooled = enc.encode(CAPS)
     t_ref, m_ref, _ = data.TextEncoder(t5).encode(CAPS)
-    _, _, p_ref = data.TextEncoder(clip).encode(CAPS)
-    assert torch.equal(tokens, t_ref) and torch.equal(mask, m_ref) and torch.equal(pooled, p_ref)
+    _, _, p_ref = data.TextEncoder(clip).encode(CAPS)   # CLIP at 77 tokens, its EOS state
+    assert torch.equal(tokens, t_ref) and torch.equal(mask, m_ref) and torch.allclose(pooled, p_ref, atol=1e-6)
     rebuilt = data.TextEncoder(enc.id)  # the id saved in run configs rebuilds the same encoder
     assert rebuilt.id == enc.id and torch.equal(rebuilt.encode(CAPS)[2], pooled)
+
+
+def test_bert_pooled_encoder_gives_its_first_state_and_finds_a_sibling_tokenizer(tiny_encoders, tmp_path):
+    # the release's mCLIP: HunyuanDiT's t2i/clip_text_encoder (a BERT, no tokenizer files) beside
+    # t2i/tokenizer; its pooled vector is the [CLS] state at 77 tokens
+    from transformers import BertModel
+    import shutil
+    shutil.copytree(tiny_encoders["bert"], tmp_path / "t2i" / "clip_text_encoder")
+    shutil.copytree(tiny_encoders["bert"], tmp_path / "t2i" / "tokenizer")
+    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        (tmp_path / "t2i" / "clip_text_encoder" / f).unlink(missing_ok=True)
+    enc = data.TextEncoder(tiny_encoders["t5"], pooled_from=str(tmp_path / "t2i" / "clip_text_encoder"))
+    bert = BertModel.from_pretrained(tiny_encoders["bert"]).eval()
+    ids = enc.pooler[0](CAPS, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ref = bert(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state[:, 0]
+    assert enc.pooled_dim == 32 and torch.allclose(enc.encode(CAPS)[2], ref, atol=1e-6)
 
 
 def test_text_encoder_errors(tmp_path, monkeypatch):

@@ -197,7 +197,7 @@ def test_image_folder_with_a_corrupt_image_trains(tmp_path, capsys):
 def test_dry_run_reports_2b(capsys):
     train.main(["--preset", "2b", "--dry-run", "--batch-size", "8", "--ranks", "8", "--fsdp", "--checkpointing"])
     out = capsys.readouterr().out
-    assert "params: 2.04B" in out
+    assert "params: 2.12B" in out
     assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
 
 

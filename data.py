@@ -409,6 +409,8 @@ def _load_text_model(name_or_path, device):
     folder (HunyuanDiT's mCLIP: t2i/clip_text_encoder + t2i/tokenizer)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     import transformers
+    transformers.logging.set_verbosity_error()           # no load reports or weight bars on every run
+    transformers.logging.disable_progress_bar()
     path, kw = _resolve(name_or_path), {}
     if not os.path.exists(path) and path.count("/") > 1 and not path.startswith(("/", ".", "~")):   # hub subfolder
         parts = path.split("/")
@@ -420,11 +422,14 @@ def _load_text_model(name_or_path, device):
     cls = getattr(transformers, cls) if cls else AutoModel
     extra = {"add_pooling_layer": False} if mt == "bert" else {}     # BERT's pooler is unused here
     model = _hf_load(cls.from_pretrained, path, "text encoder", TEXT_HINT, **kw, **extra)
+    # a sibling tokenizer folder: mCLIP's clip_text_encoder -> tokenizer, FLUX's text_encoder_2 -> tokenizer_2
+    name = os.path.basename(os.path.normpath(kw.get("subfolder", path)))
+    sibling = "tokenizer" + (name.split("text_encoder", 1)[1] if "text_encoder" in name else "")
     tok_path, tok_kw = path, kw
-    if os.path.isdir(path) and not _has_tokenizer(path):               # tokenizer in a sibling folder
-        tok_path, tok_kw = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer"), {}
+    if os.path.isdir(path) and not _has_tokenizer(path):
+        tok_path, tok_kw = os.path.join(os.path.dirname(os.path.normpath(path)), sibling), {}
     elif "subfolder" in kw:
-        tok_kw = {"subfolder": os.path.join(os.path.dirname(kw["subfolder"]), "tokenizer")}
+        tok_kw = {"subfolder": os.path.join(os.path.dirname(kw["subfolder"]), sibling)}
     try:
         tokenizer = _hf_load(AutoTokenizer.from_pretrained, path, "tokenizer", TEXT_HINT, **kw)
     except (OSError, ValueError):
@@ -600,6 +605,38 @@ def load_encoders(cfg, device="cpu", cache_size=0):
                          f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
     vae = VAE(cfg.vae, device=device) if cfg.vae else None
     return enc, vae
+
+
+def stand_in_encoders(cfg, folder):
+    """Tiny random stand-ins, written to `folder`, for every encoder or VAE of `cfg` that is not
+    on this machine (a hub id): a one-layer BERT with a character vocabulary per text model, at
+    the widths the model expects, and a 4-level AutoencoderKL (8x, cfg.channels latents). For
+    smoke tests of the whole latent path with random weights: nothing is downloaded.
+    Returns the Config overrides that point at them."""
+    from diffusers import AutoencoderKL
+    from transformers import BertConfig, BertModel, BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789")
+                          + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]) + "\n")
+    local = lambda name: not name or os.path.isdir(name) or name.lower() in ALIASES
+    out = {}
+    torch.manual_seed(0)                                  # the same stand-ins every time
+    for key, width in (("text_encoder", cfg.text_dim), ("pooled_encoder", cfg.pooled_dim)):
+        if not local(getattr(cfg, key)):
+            path = os.path.join(folder, key)
+            BertModel(BertConfig(vocab_size=80, hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, max_position_embeddings=max(512, cfg.text_len))).save_pretrained(path)
+            BertTokenizer(vocab).save_pretrained(path)
+            out[key] = path
+    if not local(cfg.vae):
+        out["vae"] = os.path.join(folder, "vae")
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4,) * 4, layers_per_block=1,
+                      latent_channels=cfg.channels, norm_num_groups=2, scaling_factor=0.3611,
+                      shift_factor=0.1159).save_pretrained(out["vae"])
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -13,9 +13,11 @@ Steps are per window (`--steps 10,10,10`); `--transition bridge` uses the run's 
 BridgeFlow; `--variant piecewise|baseline` runs the same weights without nesting / windows.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -67,15 +69,19 @@ def read_prompts(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a train.py output folder (config.json + model.safetensors)")
+    p.add_argument("--ckpt", help="a train.py run folder, or the released NAMI-2B's folder (or a diffusers FLUX one)")
+    p.add_argument("--convert", metavar="DIR", help="write the release / diffusers folder DIR as a run folder "
+                   "(safetensors + config.json) at --out, once, so later loads never unpickle")
     p.add_argument("--preset", help="with --random-weights: sample an untrained preset")
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--prompt", action="append", default=[])
     p.add_argument("--prompts-file")
     p.add_argument("--n", type=int, help="images per prompt (default 1; --eval: 4, as GenEval does, since with one "
                    "image each of the 21 single-object prompts moves 'single' by 0.048)")
-    p.add_argument("--steps", default="10", help="Euler steps per window, e.g. 10,10,10 (one number: each)")
+    p.add_argument("--steps", help="Euler steps per window, e.g. 10,10,10 (one number: each; default: the run's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
+    p.add_argument("--negative-prompt", default="", help="the prompt guidance pushes away from (default: empty)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each stage (compile time reported apart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transition", choices=["renoise", "bridge"], default=None)
     p.add_argument("--variant", choices=["nami", "piecewise", "baseline"], default="nami")
@@ -94,23 +100,33 @@ def main(argv=None):
     p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
     a = p.parse_args(argv)
 
+    if a.convert:
+        out = runs.convert(a.convert, a.out)
+        print(f"wrote {out}: config.json + model.safetensors (sample it with --ckpt {out})")
+        return out
+    overrides = {k: v for k, v in (("vae", a.vae), ("text_encoder", a.text_encoder),
+                                   ("pooled_encoder", a.pooled_encoder)) if v is not None}
     if a.ckpt:
-        model, meta = runs.load_run(a.ckpt, a.device)
+        model, meta = runs.load(a.ckpt, a.device)
     elif a.preset and a.random_weights:
-        overrides = {k: v for k, v in (("vae", a.vae), ("text_encoder", a.text_encoder),
-                                       ("pooled_encoder", a.pooled_encoder)) if v is not None}
-        model, meta = nami.NAMI(nami.preset(a.preset, **overrides)).to(a.device).eval(), {}
+        cfg = nami.preset(a.preset, **overrides)
+        # untrained weights check the whole path; so do stand-ins for encoders not on this machine
+        overrides.update(data.stand_in_encoders(cfg, os.path.join(tempfile.gettempdir(), f"nami-stand-ins-{a.preset}")))
+        model = nami.NAMI(dataclasses.replace(cfg, **overrides)).to(a.device).eval()
+        meta = {"sample": {"cfg": nami.TRAIN[a.preset]["cfg"], "steps": nami.TRAIN[a.preset]["sample_steps"],
+                           "transition": "bridge" if cfg.bridge == "scale-shift" else "renoise"}}
         nami_rand = torch.Generator().manual_seed(a.seed)   # untrained but non-zero exits
         for m in model.heads:
             torch.nn.init.normal_(m.linear.weight, std=0.02, generator=nami_rand)
     else:
         p.error("pass --ckpt RUN_DIR (or --preset P --random-weights)")
     cfg = model.cfg
-    if a.text_encoder or a.pooled_encoder or a.vae:
-        cfg.text_encoder = a.text_encoder or cfg.text_encoder
-        cfg.pooled_encoder = a.pooled_encoder or cfg.pooled_encoder
-        cfg.vae = a.vae or cfg.vae
-    steps = nami.parse_steps(a.steps, 1 if a.variant == "baseline" else cfg.K)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if a.compile:
+        nami.compile_stages(model)
+    steps = nami.parse_steps(a.steps or meta.get("sample", {}).get("steps") or "10",
+                             1 if a.variant == "baseline" else cfg.K)
     cfg_scale = a.cfg if a.cfg is not None else meta.get("sample", {}).get("cfg", 1.0)
     transition = a.transition or meta.get("sample", {}).get("transition", "renoise")
     enc, vae = data.load_encoders(cfg, a.device)
@@ -130,7 +146,7 @@ def main(argv=None):
         prompts = [q for q in shapes.eval_prompts() for _ in range(a.n)]
         t0 = time.perf_counter()
         images, _ = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
-                             a.batch_size, vae, a.dtype)
+                                  a.batch_size, vae, a.dtype, negative=a.negative_prompt)
         dt = time.perf_counter() - t0
         result = shapes.evaluate(prompts, images)
         print(json.dumps({**{c: round(result[c], 4) for c in shapes.CATEGORIES}, "overall": round(result["overall"], 4),
@@ -145,7 +161,7 @@ def main(argv=None):
         p.error("a --prompt is empty")
     prompts = [q for q in prompts for _ in range(a.n)]
     images, ends = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
-                            a.batch_size, vae, a.dtype, a.res)
+                                 a.batch_size, vae, a.dtype, a.res, a.negative_prompt)
     scale = max(1, 128 // images.shape[1])
     if a.stages:                                          # per image: window ends, then a gap
         cells = np.stack(ends, 1)                         # (N, K, S, S, 3)

@@ -19,7 +19,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -267,6 +267,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="parent folder of runs")
     p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
     p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--init-from", metavar="DIR", help="fine-tune: start a new run from these weights (a run folder, "
+                   "or the released NAMI-2B's folder); the model config comes from there")
     p.add_argument("--stop-at", type=int, help="stop (and save) at this step, to be resumed later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -308,6 +310,8 @@ def settle_args(a, given):
         a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})
     else:
         meta = None
+        if a.init_from and "preset" not in given:         # fine-tuning: the recipe of the weights' preset
+            a.preset = runs.preset_of(a.init_from)
         for k, v in nami.TRAIN[a.preset].items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
@@ -323,8 +327,9 @@ def step_seed(*parts):
     return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little") >> 2
 
 
-def build_config(a):
-    """The preset, with --set overrides (a:b:c = tuple, true/false = bool) and the variants."""
+def build_config(a, base=None):
+    """The preset (or the config of --init-from's weights), with --set overrides (a:b:c = tuple,
+    true/false = bool) and the variants."""
     default = nami.Config()
     kw = {"nested": False} if a.no_nested else {}
     for item in a.set:
@@ -335,13 +340,16 @@ def build_config(a):
         kind = type(getattr(default, key))
         kw[key] = (tuple((float if "." in v else int)(v) for v in value.split(":")) if kind is tuple else
                    value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    if base is not None:
+        return replace(base, **kw).check()
     return nami.preset(a.preset, baseline=a.baseline, **kw)
 
 
 def main(argv=None):
     """The training loop, step by step: settle the flags, build, then train, save, sample."""
     a, meta = settle_args(*parse_args(argv))
-    cfg = runs.config_from_json(meta["model"]) if meta else build_config(a)
+    init = runs.load(a.init_from) if a.init_from and not a.resume else None
+    cfg = runs.config_from_json(meta["model"]) if meta else build_config(a, init[0].cfg if init else None)
     nami.parse_steps(a.sample_steps, cfg.K)               # bad --sample-steps or stage ratios fail
     phase(0.0, cfg.K, a.phases)                           # now, not after training
     distributed = "RANK" in os.environ
@@ -355,7 +363,8 @@ def main(argv=None):
     master, dev = rank == 0, torch.device(a.device)
     run = a.resume or os.path.join(a.out, a.name or a.preset)
 
-    model, step_fn, opt, ema, resumed = build(cfg, a, run, distributed)
+    model, step_fn, opt, ema, resumed = build(cfg, a, run, distributed, init[0].state_dict() if init else None)
+    del init
     # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
     enc, vae = data.load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
     if a.data == "shapes":                                # its whole grammar, once: ~2 s
@@ -434,17 +443,18 @@ def start_distributed(a):
         torch.cuda.set_device(a.device)
 
 
-def build(cfg, a, run, distributed):
+def build(cfg, a, run, distributed, init=None):
     """Model, the module a step calls (plain / DDP / FSDP2), AdamW and the EMA weights, restored
-    from the run's state.pt on --resume. Returns them and (start step, elapsed s, loss EMA)."""
+    from the run's state.pt on --resume or started from the weights `init` (--init-from).
+    Returns them and (start step, elapsed s, loss EMA)."""
     dev = torch.device(a.device)
     torch.manual_seed(a.seed)                             # same initial weights on every rank
     model = nami.NAMI(cfg).to(dev)
     model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
     model.grad_checkpointing = a.checkpointing
     st = runs.load_checkpoint(run) if a.resume else None
-    if st:
-        model.load_state_dict(st["model"])                # full weights, before any sharding
+    if st or init:
+        model.load_state_dict(st["model"] if st else init)   # full weights, before any sharding
     step_fn = wrap(model, a, distributed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),
                             weight_decay=0.0, fused=not a.fsdp)

@@ -1,28 +1,32 @@
 """
-Benchmark NAMI's sampling speed-up against the uniform baseline, side by side, on the SAME
-random weights (the paper's Figure 2 and its Figure 10 component breakdown):
+Benchmarks: does NAMI deliver its FLOP savings, and how fast is this code against its peer?
 
+Sampling speed (the paper's Figure 2): one model with random weights sampled three ways with
+the SAME weights (batch 1, classifier-free guidance as in deployment, text encoder and VAE
+excluded as in the paper), variants timed alternately, median and spread of repeats, FLOPs
+counted by torch's FLOP counter on the meta device for the very same sampler call:
   baseline   one window, full depth, full resolution for every step ("FLUX-base")
   piecewise  K windows at increasing resolution, full depth at every stage
   nami       K windows with the nested layer split (the full method)
 
-Per resolution: per-image latency (batch 1, 30 steps in total, classifier-free guidance as
-in deployment, text encoder and VAE excluded as in the paper; warm-up, then the median of
-repeats) and FLOPs counted by torch's FLOP counter on the meta device for the very same
-sampler call. Prints a table and one JSON line per resolution.
+  python bench.py --preset cifar                          # 2 CPU cores, a few minutes
+  python bench.py --preset cifar --compile                # torch.compile (compile time reported apart)
+  python bench.py --preset 2b --res 32 64 128 256 --flops-only   # FLOPs anywhere (res in latent cells)
+  python bench.py --preset 2b --res 128 256 --device cuda --dtype bf16 --compile
 
-  python bench.py --preset cifar                              # 2 CPU cores, a few minutes
-  python bench.py --preset 0.6b --res 128 256 --steps 6       # CPU: small resolutions, fewer steps
-  python bench.py --preset 2b --res 256 512 1024 2048 --device cuda --dtype bf16
-  python bench.py --preset 2b --res 1024 --flops-only         # FLOPs anywhere, no compute
+Training speed and the peer:
+  python bench.py --train                                  # the default tiny training step, eager and compiled
+  python bench.py --train --against ../old-checkout        # ... timed alternately against another checkout
+  python bench.py --vs-diffusers --preset cifar            # our MM-DiT forward vs diffusers' FluxTransformer2DModel
 
-The quality side, at toy scale (the paper's Figures 7-9 and its BridgeFlow ablation): train
-`tiny` models on the shapes world with EQUAL wall-clock budgets and score each with the
-shapes-world evaluation (sample.py --eval, 30 sampling steps in total):
+GPU (one H100/H200, <= 8 minutes, random weights, stand-in encoders): python bench.py --gpu-check
 
-  python bench.py --ablate main --minutes 10           # baseline, piecewise only, NAMI (+ BridgeFlow)
-  python bench.py --ablate main layers --minutes 10    # + layer splits 1:1:4, 4:1:1 (NAMI is 2:2:2)
-  python bench.py --ablate windows --minutes 10        # window ratios 1:1:1, 1:1:2 (tiny's own is 2:1:1)
+Quality at toy scale (the paper's Figures 7-9): `--ablate` trains tiny variants for equal
+wall-clock budgets and scores each with sample.py --eval (see ABLATIONS).
+
+Flags mean the same as in train.py / sample.py: --sample-steps is Euler steps per window
+(the baseline takes their sum), --res is the final size in model cells (pixels for pixel
+presets, VAE latent cells = pixels / 8 for the latent ones).
 """
 import argparse
 import json
@@ -35,7 +39,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import nami
+import runs
 import shapes
 
 VARIANTS = ("baseline", "piecewise", "nami")
@@ -47,50 +53,329 @@ def random_text(cfg, batch, device, dtype, seed):
                      torch.randn(batch, cfg.pooled_dim, generator=g).to(device, dtype))
 
 
-def steps_for(variant, cfg, total):
-    """`total` Euler steps split evenly over the windows (30 = 10/10/10 for K = 3)."""
-    if variant == "baseline":
-        return (total,)
-    base, extra = divmod(total, cfg.K)
-    return tuple(base + (k < extra) for k in range(cfg.K))
+def steps_for(variant, steps):
+    """Steps per window for a variant: the baseline's one window takes their sum."""
+    return (sum(steps),) if variant == "baseline" else steps
 
 
-def counted_flops(cfg, variant, res, total_steps, cfg_scale):
+def counted_flops(cfg, variant, res, steps, cfg_scale):
     """FLOPs of one sampler call, counted by torch on the meta device (no memory, no time)."""
     with torch.device("meta"):
         model = nami.NAMI(cfg)
     text, unc = random_text(cfg, 1, "meta", torch.float32, 0), random_text(cfg, 1, "meta", torch.float32, 1)
     with FlopCounterMode(display=False) as counter:
-        nami.sample(model, text, unc, steps_for(variant, cfg, total_steps), cfg_scale, variant=variant,
-                    resolution=res)
+        nami.sample(model, text, unc, steps_for(variant, steps), cfg_scale, variant=variant, resolution=res)
     return counter.get_total_flops()
 
 
-def latency(model, variant, res, total_steps, cfg_scale, repeats, warmup, device, dtype):
-    text = random_text(model.cfg, 1, device, dtype, 0)
-    unc = random_text(model.cfg, 1, device, dtype, 1)
-    steps = steps_for(variant, model.cfg, total_steps)
-
-    def once():
+def timer(device):
+    """A wall-clock reading that waits for queued GPU work first."""
+    def now():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        nami.sample(model, text, unc, steps, cfg_scale, variant=variant, resolution=res,
+        return time.perf_counter()
+    return now
+
+
+def sampling_latency(model, res, steps, cfg_scale, repeats, device, dtype):
+    """{variant: [seconds per image]}: one warm-up call each (compiles, if compiled; timed
+    apart), then `repeats` rounds that time every variant once, alternately, so drift in the
+    machine's speed hits all variants alike."""
+    text, unc = random_text(model.cfg, 1, device, dtype, 0), random_text(model.cfg, 1, device, dtype, 1)
+    now = timer(device)
+
+    def once(v):
+        t0 = now()
+        nami.sample(model, text, unc, steps_for(v, steps), cfg_scale, variant=v, resolution=res,
                     generator=torch.Generator(device).manual_seed(0))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return now() - t0
 
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+    warm = {v: once(v) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        for v in VARIANTS:
+            times[v].append(once(v))
+        print(f"  res {res}: round {r + 1}/{repeats} " + " ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS), flush=True)
+    return times, warm
 
 
+def speed(a):
+    cfg = nami.preset(a.preset)
+    cfg_scale = a.cfg if a.cfg is not None else nami.TRAIN[a.preset]["cfg"]
+    steps = nami.parse_steps(a.sample_steps, cfg.K)
+    device, dtype = torch.device(a.device), torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    factor = 8 if cfg.vae else 1
+    model = None
+    if not a.flops_only:
+        torch.manual_seed(0)
+        model = nami.NAMI(cfg)
+        for h in model.heads:                             # zero-init exits would make every image 0
+            torch.nn.init.normal_(h.linear.weight, std=0.02)
+        model = model.to(device, dtype).eval()
+        if a.compile:
+            nami.compile_stages(model)
+    print(f"{a.preset}: {nami.count_params(cfg) / 1e6:.1f}M params, layers {cfg.stage_layers}, {a.device}, {a.dtype}"
+          f"{', compiled' if a.compile else ''}, steps {'/'.join(map(str, steps))}, cfg {cfg_scale}, batch 1")
+    rows = []
+    for res in a.res or [cfg.resolution]:
+        cfg.check(res)
+        flops = {v: counted_flops(cfg, v, res, steps, cfg_scale) for v in VARIANTS}
+        times, warm = sampling_latency(model, res, steps, cfg_scale, a.repeats, device, dtype) if model else ({}, {})
+        lat = {v: statistics.median(t) for v, t in times.items()}
+        row = {"preset": a.preset, "res": res, "px": res * factor, "device": a.device, "dtype": a.dtype,
+               "compiled": a.compile, "steps": list(steps), "cfg": cfg_scale, "flops": flops,
+               "latency_s": lat or None, "latency_range_s": {v: [min(t), max(t)] for v, t in times.items()} or None,
+               "first_call_s": warm or None}
+        for v in ("piecewise", "nami"):
+            row[f"{v}_flop_reduction"] = round(1 - flops[v] / flops["baseline"], 4)
+            row[f"{v}_latency_reduction"] = round(1 - lat[v] / lat["baseline"], 4) if lat else None
+        rows.append(row)
+    print(f"\n{'px':>5} {'variant':>10} {'TFLOP':>9} {'latency s (min-max)':>22} {'FLOP red.':>10} {'latency red.':>12}")
+    for row in rows:
+        for v in VARIANTS:
+            lat = "-" if not row["latency_s"] else \
+                f"{row['latency_s'][v]:.3f} ({row['latency_range_s'][v][0]:.3f}-{row['latency_range_s'][v][1]:.3f})"
+            red = "" if v == "baseline" else f"{row[f'{v}_flop_reduction']:10.1%}"
+            lred = "" if v == "baseline" or not row["latency_s"] else f"{row[f'{v}_latency_reduction']:12.1%}"
+            print(f"{row['px']:>5} {v:>10} {row['flops'][v] / 1e12:9.3f} {lat:>22} {red:>10} {lred:>12}")
+    for row in rows:
+        print(json.dumps(row))
+    if a.plot and len(rows) > 1:
+        plot_speed(rows, a.plot)
+    return rows
+
+
+def plot_speed(rows, path):
+    """TFLOP (and latency, if measured) per image against resolution, one line per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("flops", "TFLOP per image", 1e12)] + ([("latency_s", "seconds per image", 1)] if rows[0]["latency_s"] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    px = [r["px"] for r in rows]
+    for ax, (key, label, unit) in zip(axes[0], panels):
+        for v in VARIANTS:
+            ax.plot(px, [r[key][v] / unit for r in rows], marker="o", label=v)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(px, [str(p) for p in px])
+        ax.set_xlabel("image side (px)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    r = rows[0]
+    fig.suptitle(f"{r['preset']}, {'/'.join(map(str, r['steps']))} steps, cfg {r['cfg']}, {r['device']} {r['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# Training step: images/s and achieved GFLOP/s of the default step, for this checkout and
+# (optionally) another one, each in its own worker process, timed in alternating rounds.
+
+
+def train_worker(src, preset, compiled):
+    """Runs in a subprocess: imports the checkout at `src`, builds the preset's model,
+    optimizer, EMA and shapes-world data as train.py does, then answers each line N on stdin
+    with the times of N more steps. Written against the API both checkouts share."""
+    sys.path.insert(0, os.path.abspath(src))
+    for m in ("nami", "data", "shapes", "train"):
+        sys.modules.pop(m, None)
+    import importlib
+    N, D, S = (importlib.import_module(m) for m in ("nami", "data", "shapes"))
+    recipe = getattr(N, "TRAIN", None) or importlib.import_module("train").TRAIN
+    phases = getattr(N, "PHASES", None) or importlib.import_module("train").PHASES
+    r = recipe[preset]
+    ratios = phases[r.get("phases", "paper")][0][1]
+    cfg = N.preset(preset)
+    torch.manual_seed(0)
+    model = N.NAMI(cfg)
+    model.bridge.requires_grad_(False)
+    if compiled:
+        N.compile_stages(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r["lr"],
+                            betas=(0.9, r.get("beta2", 0.99)), weight_decay=0.0, fused=True)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    enc = (D.load_encoders(cfg, "cpu", 100_000)[0] if hasattr(D, "load_encoders")
+           else D.TextEncoder(cfg.text_encoder, cache_size=100_000))
+    enc.warm([""] + S.all_captions())
+    encode = D.encode_text if hasattr(D, "encode_text") else lambda e, c, d: N.Text(*e.encode(c))
+    B = r["batch_size"]
+
+    def step(i):
+        images, captions = S.make_batch(B, 0, i)
+        captions = ["" if j % 10 == 0 else c for j, c in enumerate(captions)]    # caption drop, 10%
+        x, text = D.to_tensor(images), encode(enc, captions, "cpu")
+        loss, _, _ = N.nami_loss(model, x, text, ratios, None, None, torch.Generator().manual_seed(i))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].lerp_(v.float(), 0.005) if v.dtype.is_floating_point else ema[k].copy_(v)
+
+    t0 = time.perf_counter()
+    for i in range(3):                                    # warm-up, and compilation of every stage
+        step(i)
+    print(json.dumps({"ready": True, "warmup_s": time.perf_counter() - t0, "batch": B, "ratios": list(ratios)}), flush=True)
+    i = 3
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+            i += 1
+        print(json.dumps({"times": times}), flush=True)
+
+
+def train_flops(cfg, batch, ratios):
+    """Analytic FLOPs of one training step: 3x the forward (backward is twice the forward) of
+    every sample at its stage, with the exact per-stage counts of nami_loss."""
+    counts = nami.stage_counts(batch, ratios)
+    return sum(3 * n * nami.forward_flops(cfg, (cfg.stage_resolution(k) // cfg.patch) ** 2, cfg.stage_depth(k))
+               for k, n in zip(range(1, cfg.K + 1), counts))
+
+
+def train_bench(a):
+    here = os.path.dirname(os.path.abspath(__file__))
+    kinds = [("this checkout, eager", here, False), ("this checkout, compiled", here, True)]
+    if a.against:
+        kinds.append((f"{a.against}, eager", a.against, False))
+    workers = []
+    for name, src, compiled in kinds:
+        cmd = [sys.executable, os.path.join(here, "bench.py"), "--train-worker", src, "--preset", a.preset]
+        proc = subprocess.Popen(cmd + (["--compile"] if compiled else []), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        workers.append((name, proc))
+    ready = {}
+    for name, proc in workers:                            # built one after another: starting is not timed
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the training worker for {name} failed to start")
+        ready[name] = json.loads(line)
+        print(f"{name}: ready, first 3 steps (warm-up{', compile' if 'compiled' in name else ''}) "
+              f"{ready[name]['warmup_s']:.1f} s", flush=True)
+    times = {name: [] for name, _ in workers}
+    for r in range(a.repeats):
+        for name, proc in workers:                        # alternate: machine drift hits all alike
+            proc.stdin.write(f"{a.train_steps}\n")
+            proc.stdin.flush()
+            times[name] += json.loads(proc.stdout.readline())["times"]
+        print(f"round {r + 1}/{a.repeats}: " + ", ".join(f"{n} {statistics.median(t[-a.train_steps:]) * 1e3:.0f} ms"
+                                                        for n, t in times.items()), flush=True)
+    for _, proc in workers:
+        proc.stdin.close()
+        proc.wait()
+    cfg = nami.preset(a.preset)
+    batch, ratios = ready[workers[0][0]]["batch"], ready[workers[0][0]]["ratios"]
+    flops = train_flops(cfg, batch, ratios)
+    rows = []
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append({"kind": name, "ms_per_step": round(med * 1e3, 1), "min_ms": round(min(t) * 1e3, 1),
+                     "max_ms": round(max(t) * 1e3, 1), "img_per_s": round(batch / med, 1),
+                     "gflop_per_s": round(flops / med / 1e9, 1), "warmup_s": round(ready[name]["warmup_s"], 1),
+                     "steps_timed": len(t)})
+    base = rows[-1]["img_per_s"] if a.against else rows[0]["img_per_s"]
+    print(f"\n{a.preset}: batch {batch}, ratios {ratios}, {flops / 1e9:.1f} GFLOP per step (analytic)")
+    for row in rows:
+        print(f"{row['kind']:>40}: {row['ms_per_step']:7.1f} ms ({row['min_ms']:.0f}-{row['max_ms']:.0f}), "
+              f"{row['img_per_s']:7.1f} img/s, {row['gflop_per_s']:6.1f} GFLOP/s, x{row['img_per_s'] / base:.2f}")
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Against the peer: the same network in diffusers' FluxTransformer2DModel.
+
+
+def flux_peer(cfg, blocks=None):
+    """(diffusers FluxTransformer2DModel, our model holding the same weights) for the K = 1
+    baseline of `cfg` in FLUX's conventions (integer RoPE ids, one exit, no text positions,
+    time = sigma), with every weight random and non-zero. blocks: keep only the first N."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    depth = blocks or cfg.depth
+    double = min(cfg.double, depth)
+    ours_cfg = nami.Config(**{**cfg.__dict__, "stage_layers": (depth,), "windows": (1,), "double": double,
+                              "rope_grid": "stage", "stage_heads": False, "text_positions": False,
+                              "timesteps": "sigma", "bridge": "linear"}).check()
+    Dh = cfg.width // cfg.heads
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=cfg.channels * cfg.patch ** 2, num_layers=double,
+                                  num_single_layers=depth - double, attention_head_dim=Dh, num_attention_heads=cfg.heads,
+                                  joint_attention_dim=cfg.text_dim, pooled_projection_dim=cfg.pooled_dim,
+                                  axes_dims_rope=ours_cfg.head_axes())
+    if cfg.mlp_ratio != 4.0:                              # FLUX fixes 4; give its blocks the preset's ratio
+        for b in flux.transformer_blocks:
+            b.ff = FeedForward(cfg.width, cfg.width, mult=cfg.mlp_ratio, activation_fn="gelu-approximate")
+            b.ff_context = FeedForward(cfg.width, cfg.width, mult=cfg.mlp_ratio, activation_fn="gelu-approximate")
+        flux.single_transformer_blocks = torch.nn.ModuleList(
+            [FluxSingleTransformerBlock(cfg.width, cfg.heads, Dh, cfg.mlp_ratio) for _ in range(depth - double)])
+    with torch.no_grad():
+        for p in flux.parameters():
+            p.copy_(0.05 * torch.randn_like(p))
+    ours = nami.NAMI(ours_cfg)
+    ours.load_state_dict(runs.flux_to_nami(flux.state_dict(), ours_cfg), strict=False)   # K = 1: no bridge
+    return flux.eval(), ours.eval()
+
+
+def vs_diffusers(a):
+    cfg = nami.preset(a.preset)
+    flux, ours = flux_peer(cfg, a.blocks)
+    res, B, dev = (a.res or [cfg.resolution])[0], 2, torch.device(a.device)
+    flux, ours = flux.to(dev), ours.to(dev)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, cfg.channels, res, res, generator=g).to(dev)
+    t, text = torch.rand(B, generator=g).to(dev), random_text(cfg, B, dev, torch.float32, 2)
+    p, h = cfg.patch, res // cfg.patch
+    packed = x.view(B, cfg.channels, h, p, h, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * h, -1)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h.__float__()), torch.arange(h.__float__()),
+                                     indexing="ij"), -1).reshape(-1, 3).to(dev)
+    txt_ids = torch.zeros(cfg.text_len, 3, device=dev)
+    run_flux = lambda: flux(hidden_states=packed, encoder_hidden_states=text.tokens, pooled_projections=text.pooled,
+                            timestep=t, img_ids=ids, txt_ids=txt_ids, return_dict=False)[0]
+    run_ours = lambda: ours(x, t, text)
+    with torch.no_grad():
+        ref = run_flux().view(B, h, h, cfg.channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        err = (run_ours() - ref).abs().max().item()
+        print(f"{a.preset} ({ours.cfg.depth} blocks, {h * h} image + {cfg.text_len} text tokens, batch {B}): "
+              f"max |ours - diffusers| = {err:.2e}", flush=True)
+        if err > 1e-4 * max(1.0, ref.abs().max().item()):
+            raise RuntimeError("the two models disagree: the comparison would not be like for like")
+        now = timer(dev)
+        times = {"ours": [], "diffusers": []}
+        for fn in (run_ours, run_flux):                   # warm-up
+            fn()
+        for r in range(a.repeats):
+            for name, fn in (("ours", run_ours), ("diffusers", run_flux)):
+                t0 = now()
+                fn()
+                times[name].append(now() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"preset": a.preset, "blocks": ours.cfg.depth, "tokens": h * h + cfg.text_len, "batch": B,
+           "ours_s": round(med["ours"], 5), "diffusers_s": round(med["diffusers"], 5),
+           "ratio": round(med["ours"] / med["diffusers"], 3),
+           "ratio_range": [round(min(o / d for o, d in zip(times["ours"], times["diffusers"])), 3),
+                           round(max(o / d for o, d in zip(times["ours"], times["diffusers"])), 3)],
+           "max_abs_diff": err, "device": a.device}
+    print(f"forward: ours {med['ours'] * 1e3:.1f} ms, diffusers {med['diffusers'] * 1e3:.1f} ms, "
+          f"ratio {row['ratio']} (per-round range {row['ratio_range'][0]}-{row['ratio_range'][1]}, {a.repeats} rounds)")
+    print(json.dumps(row))
+    return row
+
+
+# -----------------------------------------------------------------------------
 # Ablations: (name, train.py flags, sample.py flags). "nami+bridge" evaluates the NAMI run
 # again with BridgeFlow fitted on its own end points (train.py --transition bridge does the fit).
 ABLATIONS = {
-    "main": [("baseline", ["--baseline"], ["--steps", "30"]),
-             ("piecewise", ["--no-nested"], []),
+    "main": [("baseline", ["--variant", "baseline"], ["--sample-steps", "30"]),
+             ("piecewise", ["--variant", "piecewise"], []),
              ("nami", ["--transition", "bridge"], ["--transition", "renoise"]),
              ("nami+bridge", None, ["--transition", "bridge"])],
     # tiny's own split 2:2:2 and windows 2:1:1 are the "nami" row of main
@@ -108,7 +393,7 @@ def ablate(kinds, minutes, out, seed, jobs, n_eval):
     if not 1 <= jobs <= cores:
         raise ValueError(f"--jobs {jobs}: give each variant at least one of the {cores} cores")
     env = {**os.environ, "OMP_NUM_THREADS": str(cores // jobs)}
-    here, runs, queue, variants = os.path.dirname(os.path.abspath(__file__)), {}, [], []
+    here, runs_, queue, variants = os.path.dirname(os.path.abspath(__file__)), {}, [], []
     os.makedirs(out, exist_ok=True)
     for kind in kinds:
         for name, train_flags, eval_flags in ABLATIONS[kind]:
@@ -116,7 +401,7 @@ def ablate(kinds, minutes, out, seed, jobs, n_eval):
                 run = f"{kind}-{name.replace(' ', '_')}"
                 queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
                                     "--out", out, "--name", run, "--seed", str(seed), *train_flags]))
-            runs[name] = os.path.join(out, run)
+            runs_[name] = os.path.join(out, run)
             variants.append((kind, name, eval_flags))
     for i in range(0, len(queue), jobs):
         procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
@@ -127,11 +412,12 @@ def ablate(kinds, minutes, out, seed, jobs, n_eval):
             if proc.wait():
                 raise RuntimeError(f"training {run} failed: see {os.path.join(out, run + '.log')}")
     rows = []
-    for kind, name, eval_flags in variants:
-        log = [json.loads(line) for line in open(os.path.join(runs[name], "log.jsonl"))] or [{}]
-        steps = json.load(open(os.path.join(runs[name], "config.json")))["step"]
-        res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", runs[name], "--eval",
-                              "--n", str(n_eval), "--steps", "10", *eval_flags],
+    for j, (kind, name, eval_flags) in enumerate(variants):
+        print(f"scoring {name} ({j + 1}/{len(variants)})", flush=True)
+        log = [json.loads(line) for line in open(os.path.join(runs_[name], "log.jsonl"))] or [{}]
+        steps = json.load(open(os.path.join(runs_[name], "config.json")))["step"]
+        res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", runs_[name], "--eval",
+                              "--n", str(n_eval), "--sample-steps", "10", *eval_flags],
                              capture_output=True, text=True, check=True)
         result = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append({"ablation": kind, "variant": name, "minutes": minutes, "steps": steps,
@@ -149,16 +435,22 @@ def ablate(kinds, minutes, out, seed, jobs, n_eval):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cifar", choices=list(nami.PRESETS))
-    p.add_argument("--res", type=int, nargs="+", help="image sizes in pixels (default: the preset's)")
+    p.add_argument("--preset", default="tiny", choices=list(nami.PRESETS))
+    p.add_argument("--res", type=int, nargs="+", help="final sizes in model cells (default: the preset's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (compiles during warm-up)")
-    p.add_argument("--steps", type=int, default=30, help="Euler steps in total (split evenly over the windows)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every stage (compile time reported apart)")
+    p.add_argument("--sample-steps", default="10", help="Euler steps per window (the baseline: their sum)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the preset's; 1 = no CFG)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each times every variant once)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, skip timing")
+    p.add_argument("--plot", default="speed.png", help="with several --res: where to write the plot")
+    p.add_argument("--train", action="store_true", help="time the preset's training step, eager and compiled")
+    p.add_argument("--against", metavar="DIR", help="with --train: also time the checkout in DIR, alternately")
+    p.add_argument("--train-steps", type=int, default=5, help="with --train: steps per round and kind")
+    p.add_argument("--train-worker", metavar="SRC", help=argparse.SUPPRESS)
+    p.add_argument("--vs-diffusers", action="store_true", help="time our forward against diffusers' FLUX")
+    p.add_argument("--blocks", type=int, help="with --vs-diffusers: keep the first N blocks (a slice)")
     p.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
     p.add_argument("--minutes", type=float, default=10, help="with --ablate: wall-clock budget per variant")
     p.add_argument("--jobs", type=int, default=2, help="with --ablate: variants trained at once, cores split evenly")
@@ -166,53 +458,15 @@ def main(argv=None):
     p.add_argument("--out", default="out/ablate")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.train_worker:
+        return train_worker(a.train_worker, a.preset, a.compile)
+    if a.train:
+        return train_bench(a)
+    if a.vs_diffusers:
+        return vs_diffusers(a)
     if a.ablate:
         return ablate(a.ablate, a.minutes, a.out, a.seed, a.jobs, a.n_eval)
-
-    cfg = nami.preset(a.preset)
-    cfg_scale = a.cfg if a.cfg is not None else nami.TRAIN[a.preset]["cfg"]
-    factor = 8 if cfg.vae else 1                          # FLUX/SD3 VAEs: 8x fewer cells per side
-    sizes = a.res or [cfg.resolution * factor]
-    device, dtype = torch.device(a.device), torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = None
-    if not a.flops_only:
-        torch.manual_seed(0)
-        model = nami.NAMI(cfg)
-        for h in model.heads:                             # zero-init exits would make every image 0
-            torch.nn.init.normal_(h.linear.weight, std=0.02)
-        model = model.to(device, dtype).eval()
-        if a.compile:
-            model.forward = torch.compile(model.forward)
-    print(f"{a.preset}: {nami.count_params(cfg) / 1e6:.1f}M params, layers {cfg.stage_layers}, device {a.device}, "
-          f"{a.dtype}, {a.steps} steps, cfg {cfg_scale}, batch 1")
-    print(f"{'res':>6} {'variant':>10} {'TFLOP':>9} {'latency s':>10} {'FLOP red.':>10} {'latency red.':>12}")
-    rows = []
-    for px in sizes:
-        if px % factor:
-            raise ValueError(f"--res {px} must be divisible by the VAE factor {factor}")
-        res = px // factor
-        cfg.check(res)
-        flops = {v: counted_flops(cfg, v, res, a.steps, cfg_scale) for v in VARIANTS}
-        lat = {v: None for v in VARIANTS}
-        if model is not None:
-            with torch.no_grad():
-                lat = {v: latency(model, v, res, a.steps, cfg_scale, a.repeats, a.warmup, device, dtype)
-                       for v in VARIANTS}
-        row = {"preset": a.preset, "res": px, "device": a.device, "dtype": a.dtype, "steps": a.steps,
-               "cfg": cfg_scale, "flops": flops, "latency_s": lat}
-        for v in ("piecewise", "nami"):
-            key = "" if v == "nami" else "piecewise_"
-            row[f"{key}flop_reduction"] = round(1 - flops[v] / flops["baseline"], 4)
-            row[f"{key}latency_reduction"] = None if lat[v] is None else round(1 - lat[v] / lat["baseline"], 4)
-        for v in VARIANTS:
-            red = "" if v == "baseline" else f"{1 - flops[v] / flops['baseline']:10.1%}"
-            lred = "" if v == "baseline" or lat[v] is None else f"{1 - lat[v] / lat['baseline']:12.1%}"
-            ls = "-" if lat[v] is None else f"{lat[v]:10.3f}"
-            print(f"{px:>6} {v:>10} {flops[v] / 1e12:9.3f} {ls:>10} {red:>10} {lred:>12}")
-        rows.append(row)
-    for row in rows:
-        print(json.dumps(row))
-    return rows
+    return speed(a)
 
 
 if __name__ == "__main__":

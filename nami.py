@@ -77,6 +77,8 @@ class Config:
     text_positions: bool = True # sinusoidal positions added to the text tokens (the release: none)
     timesteps: str = "sigma"    # model time: "sigma" (true noise level) or "pyramid" (the release, see plan)
     bridge: str = "linear"      # BridgeFlow: "linear" (W e + b + G xi) or "scale-shift" (the release)
+    # PPFlow (Pyramidal Patchification Flow) instead of a resolution pyramid: 2 or 3 patch levels
+    pp_levels: int = 0          # 0 = NAMI; else K = levels, all at full resolution (see patch_factors)
 
     @property
     def K(self):
@@ -87,8 +89,17 @@ class Config:
         return sum(self.stage_layers)
 
     def stage_resolution(self, k, resolution=None):
-        """Input size at stage k (1..K): R / 2^(K-k)."""
-        return (resolution or self.resolution) >> (self.K - k)
+        """Input size at stage k (1..K): R / 2^(K-k); PPFlow's levels all see the full R."""
+        return (resolution or self.resolution) >> (0 if self.pp_levels else self.K - k)
+
+    def patch_factors(self, k):
+        """(rows, cols) of base patches merged into one token at stage k. NAMI: (1, 1), its
+        stages change resolution instead. PPFlow, as its code has it: the coarsest level
+        merges 2x2 patches (4x fewer tokens), a 3-level model's middle level 1x2 (2x fewer,
+        pairs along the width), the last level none."""
+        if not self.pp_levels:
+            return (1, 1)
+        return [(2, 2), (1, 2), (1, 1)][k - 1] if self.K == 3 else [(2, 2), (1, 1)][k - 1]
 
     def stage_depth(self, k):
         """Blocks run by stage k: the prefix m_1 (+) ... (+) m_k (all blocks if not nested)."""
@@ -97,7 +108,7 @@ class Config:
     def check(self, resolution=None):
         """Clear, early errors for configurations the flow cannot run."""
         R, K = resolution or self.resolution, self.K
-        unit = self.patch << (K - 1)
+        unit = self.patch << (1 if self.pp_levels else K - 1)
         if R % unit:
             raise ValueError(f"resolution {R} must be divisible by patch * 2^(K-1) = {unit} "
                              f"so every stage has whole patches; try {max(unit, R // unit * unit)}")
@@ -116,6 +127,10 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.time_shift and self.timesteps == "pyramid":
             raise ValueError("time_shift applies to timesteps='sigma' only (Pyramid Flow's scheduler has its own)")
+        if self.pp_levels and (self.pp_levels not in (2, 3) or self.K != self.pp_levels or self.timesteps != "sigma"
+                               or R % (2 * self.patch)):
+            raise ValueError(f"pp_levels={self.pp_levels}: PPFlow has 2 or 3 levels, one stage each (stage_layers "
+                             f"{self.stage_layers}), timesteps 'sigma', and a resolution divisible by 2 x patch")
         return self
 
     def head_axes(self):
@@ -125,7 +140,11 @@ class Config:
 
     def bounds(self):
         """Noise levels (s_k, e_k) of the K windows; Pyramid Flow's scheduler puts the window
-        ends on its grid of 1000 timesteps, so the release's windows do too."""
+        ends on its grid of 1000 timesteps, so the release's windows do too. PPFlow's levels
+        split one flow at one resolution, so its windows meet without a jump."""
+        if self.pp_levels:
+            ends = [sum(self.windows[:k]) / sum(self.windows) for k in range(self.K + 1)]
+            return [(1 - a, 1 - b) for a, b in zip(ends, ends[1:])]
         return window_bounds(self.windows, 1000 if self.timesteps == "pyramid" else None)
 
 
@@ -162,14 +181,23 @@ PRESETS = {
 
 
 def preset(name, **overrides):
-    """Config for a preset; `baseline=True` turns it into the uniform FLUX-style baseline
-    (one window, full depth, full resolution) with the same blocks, for like-for-like tests."""
+    """Config for a preset. `baseline=True` turns it into the uniform FLUX-style baseline
+    (one window, full depth, full resolution) with the same blocks, for like-for-like tests.
+    `pp_levels=2|3` into PPFlow with the same blocks: its windows (sigma 1 -> 0.5 -> 0, or
+    1 -> 0.5 -> 0.25 -> 0), every level running all blocks unless `nested=True` (then level
+    k runs its prefix, as NAMI's stages: stage_layers splits the blocks as evenly as can be)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     kw = {**PRESETS[name], **overrides}
+    depth = sum(kw.get("stage_layers", Config.stage_layers))
     if kw.pop("baseline", False):
-        kw["stage_layers"] = (sum(kw["stage_layers"]),)
+        kw["stage_layers"] = (depth,)
         kw["windows"] = (1,)
+    if kw.get("pp_levels"):
+        L = kw["pp_levels"]
+        kw["windows"] = overrides.get("windows", (1, 1) if L == 2 else (2, 1, 1))
+        kw["stage_layers"] = overrides.get("stage_layers", tuple(depth // L + (k < depth % L) for k in range(L)))
+        kw["nested"] = overrides.get("nested", False)
     return Config(**kw).check()
 
 
@@ -264,7 +292,7 @@ def logit_normal(n, generator=None, device="cpu", mean=0.0, std=1.0):
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
-def training_point(x, noise, bounds, r):
+def training_point(x, noise, bounds, r, jump=True):
     """Training point of one window. x: data at this stage's resolution (B,C,H,W); noise:
     unit Gaussian of the same shape, shared by both ends; bounds = (s, e); r: (B,) local time.
 
@@ -272,14 +300,13 @@ def training_point(x, noise, bounds, r):
     end   = (1-e) x           + e noise     (last stage has e = 0: the data)
     x_r   = (1-r) start + r end,  sigma_r = (1-r) s + r e  (the true noise level of x_r)
     target = dx/dsigma = (start - end) / (s - e)
-
-    Decision: the model is fed the true sigma_r, not a per-stage remapped time (Pyramid
-    Flow), and predicts dx/dsigma, so one Euler rule serves every window and K = 1 is plain
-    rectified flow (target = noise - data).
+    jump=False (PPFlow's levels, one flow at one resolution): start = (1-s) x + s noise, so
+    every window is a piece of the same straight path and the target is noise - data.
+    What the model is fed and predicts in terms of these is set by its Window (plan).
     """
     s, e = bounds
     r4 = r.view(-1, 1, 1, 1)
-    start = (1 - s) * up(down(x)) + s * noise
+    start = (1 - s) * (up(down(x)) if jump else x) + s * noise
     end = (1 - e) * x + e * noise
     xt = (1 - r4) * start + r4 * end
     sigma = (1 - r) * s + r * e
@@ -406,7 +433,7 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
         nk = noise[idx][..., : xk.shape[-2], : xk.shape[-1]]              # a crop of i.i.d. noise
         shift = resolution_shift((xk.shape[-1] // cfg.patch) ** 2) if cfg.time_shift else 1.0
         local = time_shift(u[idx], shift)                                 # (b,) l: 1 = window start
-        xt, _, v = training_point(xk, nk, (win.s, win.e), 1 - local)
+        xt, _, v = training_point(xk, nk, (win.s, win.e), 1 - local, jump=not cfg.pp_levels)
         pred = model(xt, win.time(local), text.select(idx), stage=k)
         target = v * ((win.s - win.e) / win.unit)                         # dx/dl = unit * prediction
         mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)   # (b,)
@@ -469,6 +496,14 @@ def local_grid(cfg, win, steps, tokens):
     elif cfg.time_shift:
         u = time_shift(u, resolution_shift(tokens))
     return u.tolist()
+
+
+def default_steps(cfg, total=30):
+    """Euler steps per window for `total` steps: NAMI splits them evenly (10/10/10, the
+    paper); PPFlow's levels in proportion to their share of the flow (its uniform time grid:
+    15/15, 15/8/7)."""
+    w = [s - e for s, e in cfg.bounds()] if cfg.pp_levels else [1] * cfg.K
+    return tuple(stage_counts(total, w))
 
 
 def parse_steps(s, K):
@@ -543,7 +578,7 @@ def sample(model, text, uncond=None, steps=(10, 10, 10), cfg_scale=1.0, transiti
         cfg, B, R, cfg.stage_resolution(windows[0].stage, R), generator, dev, dtype)
     ends = []
     for i, win in enumerate(windows):
-        if i > 0:                                          # jump point: k-1 -> k
+        if i > 0 and not cfg.pp_levels:                    # jump point: k-1 -> k (PPFlow has none)
             z = torch.randn((B, cfg.channels, 2 * x.shape[-2], 2 * x.shape[-1]),
                             generator=generator, device=dev, dtype=x.dtype)
             x = renoise(x, 1 - windows[i - 1].e, z) if transition == "renoise" else model.bridge(x, win.stage, z)
@@ -726,10 +761,12 @@ def rope_angles(cfg, stage, h, w, text_len):
     token grid: a stage-k token covers stride = 2^(K-k) final tokens and sits at their
     centre, i*stride + (stride-1)/2, so a location has the same phase at every stage and what
     the shared blocks learn about "where" carries across resolutions. "stage" gives each
-    stage the integer ids 0..h-1 of its own grid, as the released NAMI-2B (and FLUX) do."""
-    stride = 2 ** (cfg.K - stage) if cfg.rope_grid == "final" else 1
-    rows = torch.arange(h, dtype=torch.float64) * stride + (stride - 1) / 2
-    cols = torch.arange(w, dtype=torch.float64) * stride + (stride - 1) / 2
+    stage the integer ids 0..h-1 of its own grid, as the released NAMI-2B (and FLUX) do.
+    PPFlow's merged patches follow the same rule on the base patch grid (patch_factors)."""
+    fh, fw = cfg.patch_factors(stage) if cfg.pp_levels else (2 ** (cfg.K - stage),) * 2
+    sh, sw = (fh, fw) if cfg.rope_grid == "final" else (1, 1)
+    rows = torch.arange(h, dtype=torch.float64) * sh + (sh - 1) / 2
+    cols = torch.arange(w, dtype=torch.float64) * sw + (sw - 1) / 2
     ids = torch.stack([torch.zeros(h, w, dtype=torch.float64), rows[:, None].expand(h, w),
                        cols[None, :].expand(h, w)], -1).reshape(h * w, 3)
     ids = F.pad(ids, (0, 0, text_len, 0))                                  # text: ids 0
@@ -752,6 +789,21 @@ def attention(q, k, v, rope, mask):
     m = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     return out.transpose(1, 2).flatten(2)                  # (B, N, H*Dh)
+
+
+def patchify(x, p, fh=1, fw=1):
+    """(B,C,H,W) -> tokens (B, N, C fh fw p p): PPFlow's lossless space-to-depth of fh x fw
+    pixels into channels, then p x p patches of that (fh = fw = 1: plain patches, FLUX's
+    packing). Row y = (a p + u) fh + i of the image lands in token row a, value (i, u)."""
+    B, C, H, W = x.shape
+    h, w = H // (p * fh), W // (p * fw)
+    return x.reshape(B, C, h, p, fh, w, p, fw).permute(0, 2, 5, 1, 4, 7, 3, 6).reshape(B, h * w, C * fh * fw * p * p)
+
+
+def unpatchify(t, C, h, w, p, fh=1, fw=1):
+    """Inverse of patchify: (B, h*w, C fh fw p p) -> (B, C, h p fh, w p fw)."""
+    B = t.shape[0]
+    return t.reshape(B, h, w, C, fh, fw, p, p).permute(0, 3, 1, 6, 4, 2, 7, 5).reshape(B, C, h * p * fh, w * p * fw)
 
 
 def modulate(x, shift, scale):
@@ -876,16 +928,21 @@ class NAMI(nn.Module):
         cfg.check()
         self.cfg, d, p = cfg, cfg.width, cfg.patch
         self.img_in = nn.Linear(cfg.channels * p * p, d)
+        tokens_in = lambda k: cfg.channels * p * p * math.prod(cfg.patch_factors(k))     # values per token
+        if cfg.pp_levels:                                 # PPFlow: a patch embedding per coarser level, and
+            self.level_in = nn.ModuleList([nn.Linear(tokens_in(k), d) for k in range(1, cfg.K)])
+            self.level_emb = nn.Embedding(cfg.K, d)       # a level embedding added to the conditioning
         self.txt_in = nn.Linear(cfg.text_dim, d)
         self.time_in = MLP(256, d, d, nn.SiLU())
         self.vector_in = MLP(cfg.pooled_dim, d, d, nn.SiLU())
         self.blocks = nn.ModuleList(
             [DoubleBlock(d, cfg.heads, cfg.mlp_ratio, text_out=i + 1 < cfg.depth) for i in range(cfg.double)]
             + [SingleBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth - cfg.double)])
-        self.heads = nn.ModuleList([Head(d, cfg.channels * p * p) for _ in range(cfg.K if cfg.stage_heads else 1)])
+        self.heads = nn.ModuleList([Head(d, tokens_in(k)) for k in range(1, cfg.K + 1 if cfg.stage_heads or cfg.pp_levels else 2)])
         sizes = [cfg.stage_resolution(k) for k in range(1, cfg.K + 1)]
-        self.bridge = (BridgeFlow(cfg.channels, cfg.bounds()) if cfg.bridge == "linear"
-                       else ScaleShiftBridge(cfg.channels, cfg.bounds(), sizes))
+        jumps = cfg.bounds()[:1] if cfg.pp_levels else cfg.bounds()      # PPFlow has no jumps
+        self.bridge = (BridgeFlow(cfg.channels, jumps) if cfg.bridge == "linear"
+                       else ScaleShiftBridge(cfg.channels, jumps, sizes))
         self.grad_checkpointing = False
         self.tables = {}                                  # (stage, h, w, T, device) -> rotary tables, text positions
         self.init_weights()
@@ -908,6 +965,18 @@ class NAMI(nn.Module):
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if self.cfg.pp_levels:
+            # PPFlow: a coarser level's embedding starts as the base one repeated over the merged
+            # sub-patches and divided by their count (its train.py, --initialize-from), so a
+            # block-constant image gives the tokens the base embedding gives its blocks
+            nn.init.normal_(self.level_emb.weight, std=0.02)
+            with torch.no_grad():
+                for k, lin in enumerate(self.level_in, 1):
+                    fh, fw = self.cfg.patch_factors(k)
+                    p, C = self.cfg.patch, self.cfg.channels
+                    base = self.img_in.weight.view(-1, C, 1, 1, p, p)
+                    lin.weight.copy_(base.expand(-1, C, fh, fw, p, p).reshape(lin.weight.shape) / (fh * fw))
+                    lin.bias.copy_(self.img_in.bias)
 
     def forward(self, x, t, text: Text, stage=None, depth=None):
         """x: (B,C,H,W) noisy input at stage `stage`'s resolution; t: (B,) model time (the
@@ -918,9 +987,10 @@ class NAMI(nn.Module):
         stage = cfg.K if stage is None else stage
         depth = cfg.stage_depth(stage) if depth is None else depth
         H, W = x.shape[-2:]
-        if H % cfg.patch or W % cfg.patch:
-            raise ValueError(f"input {H}x{W} is not divisible by the patch size {cfg.patch}")
-        key = (stage, H // cfg.patch, W // cfg.patch, text.tokens.shape[1], x.device)
+        fh, fw = cfg.patch_factors(stage)
+        if H % (cfg.patch * fh) or W % (cfg.patch * fw):
+            raise ValueError(f"input {H}x{W} is not divisible into patches of {cfg.patch * fh}x{cfg.patch * fw}")
+        key = (stage, H // (cfg.patch * fh), W // (cfg.patch * fw), text.tokens.shape[1], x.device)
         if key not in self.tables:                        # built once per (stage, grid, text length)
             ang = rope_angles(cfg, stage, *key[1:4])
             order = sinusoidal(torch.arange(key[3]), cfg.width).to(x.device) if cfg.text_positions else None
@@ -931,14 +1001,17 @@ class NAMI(nn.Module):
         """The stage's network, a pure tensor function with static stage and depth: what
         torch.compile compiles (compile_stages), one graph per stage and input shape."""
         cfg, p = self.cfg, self.cfg.patch
-        B, C, H, W = x.shape
-        h, w = H // p, W // p
+        (fh, fw), (B, C, H, W) = cfg.patch_factors(stage), x.shape
+        h, w = H // (p * fh), W // (p * fw)
         cos, sin, order = tables
-        img = self.img_in(x.unflatten(2, (h, p)).unflatten(4, (w, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2))
+        embed = self.img_in if stage == cfg.K or not cfg.pp_levels else self.level_in[stage - 1]
+        img = embed(patchify(x, p, fh, fw))                                                  # (B, N, d)
         txt = self.txt_in(tokens.to(img.dtype))                                              # (B, T, d)
         if order is not None:
             txt = txt + order.to(img.dtype)
         vec = self.time_in(timestep_embedding(t).to(img.dtype)) + self.vector_in(pooled.to(img.dtype))
+        if cfg.pp_levels:
+            vec = vec + self.level_emb.weight[stage - 1].to(img.dtype)
         mask = None if mask is None else F.pad(mask, (0, h * w), value=True)
         run = lambda blk, *a: checkpoint(blk, *a, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*a)
         for blk in self.blocks[: min(depth, cfg.double)]:
@@ -948,8 +1021,8 @@ class NAMI(nn.Module):
             for blk in self.blocks[cfg.double: depth]:
                 seq = run(blk, seq, vec, (cos, sin), mask)
             img = seq[:, txt.shape[1]:]
-        out = self.heads[stage - 1 if cfg.stage_heads else 0](img, vec)      # (B, N, C p p)
-        return out.unflatten(2, (C, p, p)).unflatten(1, (h, w)).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        out = self.heads[stage - 1 if cfg.stage_heads or cfg.pp_levels else 0](img, vec)   # (B, N, C fh fw p p)
+        return unpatchify(out, C, h, w, p, fh, fw)
 
 
 def compile_stages(model, **kw):
@@ -969,11 +1042,12 @@ def count_params(cfg):
         return sum(p.numel() for p in NAMI(cfg).parameters())
 
 
-def forward_flops(cfg, tokens, depth, text_len=None):
+def forward_flops(cfg, tokens, depth, text_len=None, merged=1):
     """FLOPs (2 per multiply-add) of one forward pass for one image with `tokens` image
-    tokens and `depth` blocks: every linear layer plus attention (QK^T and AV, 4 N^2 d)."""
+    tokens and `depth` blocks: every linear layer plus attention (QK^T and AV, 4 N^2 d).
+    merged: base patches per token (PPFlow's coarser levels)."""
     d, T = cfg.width, cfg.text_len if text_len is None else text_len
-    hid, N, pc = int(d * cfg.mlp_ratio), tokens + T, cfg.channels * cfg.patch ** 2
+    hid, N, pc = int(d * cfg.mlp_ratio), tokens + T, cfg.channels * cfg.patch ** 2 * merged
     dbl, sgl = min(depth, cfg.double), max(depth - cfg.double, 0)
     mac = tokens * pc * d + T * cfg.text_dim * d + 256 * d + d * d + cfg.pooled_dim * d + d * d
     mac += dbl * (N * (4 * d * d + 2 * d * hid) + 2 * 6 * d * d)        # both streams, per token
@@ -991,8 +1065,9 @@ def sampling_flops(cfg, steps, variant="nami", resolution=None, cfg_scale=1.0, t
     R, total = resolution or cfg.resolution, 0
     steps = (steps,) if isinstance(steps, int) else steps
     for win, n in zip(plan(cfg, variant), steps):
-        tokens = (cfg.stage_resolution(win.stage, R) // cfg.patch) ** 2
-        total += n * forward_flops(cfg, tokens, win.depth, text_len) * (1 if cfg_scale == 1.0 else 2)
+        merged = math.prod(cfg.patch_factors(win.stage))
+        tokens = (cfg.stage_resolution(win.stage, R) // cfg.patch) ** 2 // merged
+        total += n * forward_flops(cfg, tokens, win.depth, text_len, merged) * (1 if cfg_scale == 1.0 else 2)
     return total
 
 

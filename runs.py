@@ -196,15 +196,22 @@ def flux_to_nami(sd, cfg, bridge=None):
         linear(f"{dst}.2", f"time_text_embed.{src}.linear_2")
     for i in range(cfg.double):
         b, a = f"blocks.{i}", f"transformer_blocks.{i}"
+        text_out = i + 1 < cfg.depth                      # an all-double stack's top block: see DoubleBlock
         linear(f"{b}.img_mod", f"{a}.norm1.linear")
         linear(f"{b}.txt_mod", f"{a}.norm1_context.linear")
+        if not text_out:                                  # only (shift, scale) feed attention; FLUX's
+            for p in ("weight", "bias"):                  # text output of that block reaches nothing
+                out[f"{b}.txt_mod.{p}"] = out[f"{b}.txt_mod.{p}"][: 2 * cfg.width]
+            for k in [k for k in sd if k.startswith((f"{a}.attn.to_add_out.", f"{a}.ff_context."))]:
+                del sd[k]
         linear(f"{b}.img_qkv", *(f"{a}.attn.to_{x}" for x in "qkv"))
         linear(f"{b}.txt_qkv", *(f"{a}.attn.add_{x}_proj" for x in "qkv"))
         for s, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
             out[f"{b}.{s}_norm.q"], out[f"{b}.{s}_norm.k"] = take(f"{a}.attn.{q}.weight"), take(f"{a}.attn.{k}.weight")
         linear(f"{b}.img_proj", f"{a}.attn.to_out.0")
-        linear(f"{b}.txt_proj", f"{a}.attn.to_add_out")
-        for s, ff in (("img", "ff"), ("txt", "ff_context")):
+        if text_out:
+            linear(f"{b}.txt_proj", f"{a}.attn.to_add_out")
+        for s, ff in (("img", "ff"), ("txt", "ff_context"))[: 2 if text_out else 1]:
             linear(f"{b}.{s}_mlp.0", f"{a}.{ff}.net.0.proj")
             linear(f"{b}.{s}_mlp.2", f"{a}.{ff}.net.2")
     for j in range(cfg.depth - cfg.double):

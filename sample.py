@@ -9,7 +9,7 @@ strip (the paper's Figure 3), or the shapes-world evaluation (GenEval-style accu
   python sample.py --ckpt out/tiny --stage-check       # which stage loses accuracy (see stage_check)
   python sample.py --preset 2b --random-weights ...    # untrained weights: checks the whole path
 
-Steps are per window (`--steps 10,10,10`); `--transition bridge` uses the run's fitted
+Steps are per window (`--sample-steps 10,10,10`); `--transition bridge` uses the run's fitted
 BridgeFlow; `--variant piecewise|baseline` runs the same weights without nesting / windows.
 """
 import argparse
@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--prompts-file")
     p.add_argument("--n", type=int, help="images per prompt (default 1; --eval: 4, as GenEval does, since with one "
                    "image each of the 21 single-object prompts moves 'single' by 0.048)")
-    p.add_argument("--steps", help="Euler steps per window, e.g. 10,10,10 (one number: each; default: the run's)")
+    p.add_argument("--sample-steps", help="Euler steps per window, e.g. 10,10,10 (one number: each; default: the run's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
     p.add_argument("--negative-prompt", default="", help="the prompt guidance pushes away from (default: empty)")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage (compile time reported apart)")
@@ -125,7 +125,7 @@ def main(argv=None):
         setattr(cfg, k, v)
     if a.compile:
         nami.compile_stages(model)
-    steps = nami.parse_steps(a.steps or meta.get("sample", {}).get("steps") or "10",
+    steps = nami.parse_steps(a.sample_steps or meta.get("sample", {}).get("steps") or "10",
                              1 if a.variant == "baseline" else cfg.K)
     cfg_scale = a.cfg if a.cfg is not None else meta.get("sample", {}).get("cfg", 1.0)
     transition = a.transition or meta.get("sample", {}).get("transition", "renoise")

@@ -686,3 +686,88 @@ def test_2b_flop_reduction_at_1024():
     base_f = nami.sampling_flops(cfg, 30, "baseline", cfg_scale=4.0)
     pw_f = nami.sampling_flops(cfg, (10, 10, 10), "piecewise", cfg_scale=4.0)
     assert 1 - nami_f / base_f > 0.55 and nami_f < pw_f < base_f
+
+
+# ---------------------------------------------------------------- PPFlow, the patch pyramid
+
+@pytest.mark.parametrize("fh, fw", [(1, 1), (2, 2), (1, 2)])
+def test_ppflow_space_to_depth_is_exact_and_follows_ppflow(fh, fw):
+    x = torch.randn(2, 3, 16, 16)
+    B, C, H, W = x.shape
+    # PPFlow's ChannelInvertibleSampling: down_square = pixel_unshuffle's (c, i, j) channel order,
+    # down_w pairs along the width (c, j); then plain p x p patches (unfold)
+    s2d = F.pixel_unshuffle(x, 2) if (fh, fw) == (2, 2) else \
+        x.reshape(B, C, H, W // 2, 2).permute(0, 1, 4, 2, 3).reshape(B, 2 * C, H, W // 2) if fw == 2 else x
+    expected = F.unfold(s2d, 4, stride=4).transpose(1, 2)
+    tokens = nami.patchify(x, 4, fh, fw)
+    assert torch.equal(tokens, expected)
+    assert torch.equal(nami.unpatchify(tokens, C, H // (4 * fh), W // (4 * fw), 4, fh, fw), x)
+
+
+def test_ppflow_coarse_embedding_starts_as_the_base_one():
+    m = nami.NAMI(nami.preset("tiny", pp_levels=3))
+    z = torch.randn(2, 3, 16, 16)                                  # a half-resolution image
+    block = z.repeat_interleave(2, -1).repeat_interleave(2, -2)    # block-constant at 32 x 32
+    with torch.no_grad():
+        assert torch.allclose(m.level_in[0](nami.patchify(block, 4, 2, 2)), m.img_in(nami.patchify(z, 4)), atol=1e-6)
+        w = torch.randn(2, 3, 32, 16)                              # half width -> 1 x 2 blocks
+        assert torch.allclose(m.level_in[1](nami.patchify(w.repeat_interleave(2, -1), 4, 1, 2)),
+                              m.img_in(nami.patchify(w, 4)), atol=1e-6)
+
+
+def test_ppflow_levels_share_everything_but_embeddings_and_exits():
+    pp = nami.NAMI(nami.preset("tiny", pp_levels=3)).state_dict()
+    base = nami.NAMI(nami.preset("tiny", baseline=True)).state_dict()
+    own = lambda k: k.startswith(("heads.", "level_in.", "level_emb", "bridge."))
+    # the blocks, text and time conditioning and the base patch embedding: one copy, as the baseline's
+    assert {k: v.shape for k, v in pp.items() if not own(k)} == {k: v.shape for k, v in base.items() if not own(k)}
+    # per level: a patch embedding (the last level's is img_in), an exit, a row of the level embedding
+    assert {k.rsplit(".", 1)[0] for k in pp if own(k) and pp[k].numel()} == {
+        "level_in.0", "level_in.1", "level_emb", *(f"heads.{i}.{part}" for i in range(3) for part in ("mod", "linear"))}
+    assert [pp[f"heads.{i}.linear.weight"].shape[0] for i in range(3)] == [4 * 48, 2 * 48, 48]   # C fh fw p p
+
+
+class LineOracle(torch.nn.Module):
+    """One flow at one resolution, x = (1 - sigma) x* + sigma n: v = dx/dsigma = (x - x*) / sigma."""
+
+    def __init__(self, cfg, x_star):
+        super().__init__()
+        self.cfg, self.x_star, self.calls = cfg, x_star, []
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=x_star.dtype))
+
+    def forward(self, x, sigma, text, stage, depth):
+        self.calls.append((stage, depth, x.shape[-1]))
+        return (x - self.x_star) / sigma.view(-1, 1, 1, 1).to(x.dtype)
+
+
+@pytest.mark.parametrize("levels, nested", [(2, False), (3, False), (3, True)])
+def test_oracle_ppflow_sampler_lands_on_the_data_point(levels, nested):
+    cfg = nami.preset("tiny", pp_levels=levels, nested=nested)
+    g = torch.Generator().manual_seed(3)
+    x_star = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    oracle = LineOracle(cfg, x_star)
+    steps = nami.default_steps(cfg)
+    out, ends = nami.sample(oracle, text(2), steps=steps, generator=g)
+    assert (out - x_star).abs().max() < 1e-6 and [e.shape[-1] for e in ends] == [32] * levels
+    # no jump: Euler keeps (x - x*) / sigma = the start noise n fixed, so window 1 ends on the
+    # straight path at sigma 0.5: 0.5 x* + 0.5 n
+    g2 = torch.Generator().manual_seed(3)
+    torch.rand(2, 3, 32, 32, generator=g2, dtype=torch.float64)
+    n = torch.randn(2, 3, 32, 32, generator=g2, dtype=torch.float64)
+    assert torch.allclose(ends[0], 0.5 * x_star + 0.5 * n, atol=1e-9)
+    depths = [2, 4, 6] if nested else [6] * levels           # nested: level k runs its prefix
+    assert oracle.calls == [(k, depths[k - 1], 32) for k in range(1, levels + 1) for _ in range(steps[k - 1])]
+    assert steps == ((15, 15) if levels == 2 else (15, 8, 7))
+
+
+@pytest.mark.parametrize("levels, stage", [(2, 1), (3, 2), (3, 3)])
+def test_ppflow_flops_match_torch_counter(levels, stage):
+    cfg = nami.preset("cifar", pp_levels=levels)
+    merged = math.prod(cfg.patch_factors(stage))
+    with torch.device("meta"):
+        m = nami.NAMI(cfg)
+        t = Text(torch.empty(1, cfg.text_len, cfg.text_dim), None, torch.empty(1, cfg.pooled_dim))
+        with FlopCounterMode(display=False) as fc:
+            m(torch.empty(1, 3, 32, 32), torch.empty(1), t, stage=stage)
+    tokens = 16 * 16 // merged
+    assert nami.forward_flops(cfg, tokens, cfg.stage_depth(stage), merged=merged) == fc.get_total_flops()

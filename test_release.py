@@ -235,7 +235,7 @@ def test_convert_sample_finetune_sample(release_dir, tmp_path, tiny_encoder_dirs
     run = sample.main(["--convert", str(rel), "--out", str(tmp_path / "converted")])
     assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]
     out = tmp_path / "a.png"
-    sample.main(["--ckpt", run, "--prompt", "a red car", "--steps", "1", "--out", str(out)])
+    sample.main(["--ckpt", run, "--prompt", "a red car", "--sample-steps", "1", "--out", str(out)])
     assert Image.open(out).size[0] > 0
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -251,7 +251,7 @@ def test_convert_sample_finetune_sample(release_dir, tmp_path, tiny_encoder_dirs
     assert meta["model"]["timesteps"] == "pyramid" and meta["args"]["init_from"] == run
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert changed and not any(k.startswith("bridge.") for k in changed)      # the released bridge stays
-    sample.main(["--ckpt", tuned, "--prompt", "a red car", "--steps", "1", "--out", str(tmp_path / "b.png")])
+    sample.main(["--ckpt", tuned, "--prompt", "a red car", "--sample-steps", "1", "--out", str(tmp_path / "b.png")])
 
 
 @pytest.fixture(scope="module")

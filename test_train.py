@@ -121,7 +121,7 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\ntwo blue squares\na green triangle above a white circle\n")
     out = tmp_path / "imgs"
-    sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--steps", "1,1,1", "--stages"])
+    sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--sample-steps", "1,1,1", "--stages"])
     names = sorted(os.listdir(out))
     assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
     assert Image.open(out / "0000.png").size == (32, 32)
@@ -145,13 +145,13 @@ def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
     result = sample.stage_check(oracle, NoText(), (2, 2, 2), seed=0, n=n)
     assert result == {f"from_window_{k}": {"circle": 1.0, "square": 1.0, "triangle": 1.0, "all": 1.0} for k in (1, 2, 3)}
     # and the command line, on a trained (miniature) run
-    result = sample.main(["--ckpt", trained[0], "--stage-check", "--steps", "1,1,1"])
+    result = sample.main(["--ckpt", trained[0], "--stage-check", "--sample-steps", "1,1,1"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == result and all(0 <= v["all"] <= 1 for v in line.values()) and len(line) == 3
 
 
 def test_sample_eval_prints_scores(trained, capsys):
-    result = sample.main(["--ckpt", trained[0], "--eval", "--steps", "1,1,1", "--batch-size", "128"])
+    result = sample.main(["--ckpt", trained[0], "--eval", "--sample-steps", "1,1,1", "--batch-size", "128"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("single", "counting", "two_objects", "position", "attribution", "overall", "images_per_s"):
         assert key in line
@@ -236,12 +236,12 @@ def test_learning_rate_and_phase_schedule(trained, tmp_path):
 
 def test_baseline_and_piecewise_runs_finish(tmp_path):
     # the K = 1 baseline samples its end-of-run grid with the SUM of --sample-steps (one window)
-    run = train.main(MINI + ["--out", str(tmp_path), "--name", "base", "--steps", "2", "--baseline"])
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "base", "--steps", "2", "--variant", "baseline"])
     meta = json.load(open(os.path.join(run, "config.json")))
     assert meta["model"]["stage_layers"] == [6] and os.path.isfile(os.path.join(run, "samples.png"))
     assert all(r["ratios"] == [1] for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
     assert nami.parse_steps("2,3,4", runs.load_run(run)[0].cfg.K) == (9,)
-    run = train.main(MINI + ["--out", str(tmp_path), "--name", "pw", "--steps", "2", "--no-nested"])
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "pw", "--steps", "2", "--variant", "piecewise"])
     assert json.load(open(os.path.join(run, "config.json")))["model"]["nested"] is False
     with pytest.raises(ValueError, match="one count per window"):
         train.main(MINI + ["--out", str(tmp_path), "--steps", "2", "--sample-steps", "4,4"])

@@ -31,6 +31,8 @@ import nami
 import runs
 import shapes
 
+VARIANTS = {"nami": {}, "piecewise": {"nested": False}, "baseline": {"baseline": True},     # the same blocks,
+            "ppflow2": {"pp_levels": 2}, "ppflow3": {"pp_levels": 3}}                        # another flow
 CAPTION_DROP = 0.1        # captions replaced by "" so one model also gives v(x | no text), for CFG
 LOSS_EMA = 0.99           # smoothing of the per-stage losses behind the dynamic weights
 
@@ -53,6 +55,12 @@ def phase(progress, K=3, phases="paper"):
         raise ValueError(f"nami.PHASES[{phases!r}] gives resolution ratios for {len(ratios)} stages but the model has "
                          f"K = {K}: write ratios for {K} stages there")
     return ratios, lr_mult
+
+
+def stage_ratios(cfg, progress, phases):
+    """The resolution mix at this point of the run. PPFlow's levels take samples in proportion
+    to their share of the flow (its train.py: uniform time overall) at every point."""
+    return tuple(cfg.windows) if cfg.pp_levels else phase(progress, cfg.K, phases)[0]
 
 
 def learning_rate(base, step, progress, warmup, phases="paper"):
@@ -281,8 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
     # model variants (ablations): same code, different config
-    p.add_argument("--baseline", action="store_true", help="uniform FLUX-style baseline: K = 1, full depth")
-    p.add_argument("--no-nested", action="store_true", help="piecewise flow only: all blocks at every stage")
+    p.add_argument("--variant", choices=list(VARIANTS), default="nami",
+                   help="baseline: uniform FLUX-style (K = 1, full depth); piecewise: flow only, all blocks at every "
+                        "stage; ppflow2/3: PPFlow's patch pyramid at full resolution (nested with --set nested=true)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model Config field, e.g. --set stage_layers=1:1:4 --set windows=2:1:1 --set width=384")
     # what the end-of-run samples use
@@ -315,6 +324,8 @@ def settle_args(a, given):
         for k, v in nami.TRAIN[a.preset].items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
+        if a.variant.startswith("ppflow") and "sample_steps" not in given:   # 30 steps, split PPFlow's way
+            a.sample_steps = ",".join(map(str, nami.default_steps(nami.preset(a.preset, **VARIANTS[a.variant]))))
         if a.dtype is None:                               # CPUs without bf16 matrix units run bf16 slower
             a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     if "steps" in given and "minutes" not in given:       # an explicit step count beats a time budget,
@@ -331,7 +342,7 @@ def build_config(a, base=None):
     """The preset (or the config of --init-from's weights), with --set overrides (a:b:c = tuple,
     true/false = bool) and the variants."""
     default = nami.Config()
-    kw = {"nested": False} if a.no_nested else {}
+    kw = dict(VARIANTS[a.variant])
     for item in a.set:
         key, _, value = item.partition("=")
         if not hasattr(default, key) or key in ("K", "depth"):
@@ -342,7 +353,7 @@ def build_config(a, base=None):
                    value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     if base is not None:
         return replace(base, **kw).check()
-    return nami.preset(a.preset, baseline=a.baseline, **kw)
+    return nami.preset(a.preset, **kw)
 
 
 def main(argv=None):
@@ -351,7 +362,7 @@ def main(argv=None):
     init = runs.load(a.init_from) if a.init_from and not a.resume else None
     cfg = runs.config_from_json(meta["model"]) if meta else build_config(a, init[0].cfg if init else None)
     nami.parse_steps(a.sample_steps, cfg.K)               # bad --sample-steps or stage ratios fail
-    phase(0.0, cfg.K, a.phases)                           # now, not after training
+    stage_ratios(cfg, 0.0, a.phases)                      # fails now, not after training
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     if a.dry_run:
@@ -392,7 +403,7 @@ def main(argv=None):
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
-        ratios = phase(progress, cfg.K, a.phases)[0]
+        ratios = stage_ratios(cfg, progress, a.phases)
         lr = learning_rate(a.lr, step, progress, a.warmup, a.phases)
         for group in opt.param_groups:
             group["lr"] = lr

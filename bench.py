@@ -21,8 +21,10 @@ Training speed and the peer:
 
 GPU (one H100/H200, <= 8 minutes, random weights, stand-in encoders): python bench.py --gpu-check
 
-Quality at toy scale (the paper's Figures 7-9): `--ablate` trains tiny variants for equal
-wall-clock budgets and scores each with sample.py --eval (see ABLATIONS).
+Quality at toy scale (the paper's Figures 7-9, and PPFlow against NAMI): train tiny variants
+for equal wall-clock budgets, several seeds, and score each with sample.py --eval (ABLATIONS):
+  python bench.py --study                       # 6 variants x 3 seeds, 10 min each: ~2.5 h on 2 cores
+  python bench.py --study --minutes 3 --seeds 2 # the short version, ~50 min
 
 Flags mean the same as in train.py / sample.py: --sample-steps is Euler steps per window
 (the baseline takes their sum), --res is the final size in model cells (pixels for pixel
@@ -371,66 +373,238 @@ def vs_diffusers(a):
 
 
 # -----------------------------------------------------------------------------
-# Ablations: (name, train.py flags, sample.py flags). "nami+bridge" evaluates the NAMI run
-# again with BridgeFlow fitted on its own end points (train.py --transition bridge does the fit).
+# The GPU check: what only a GPU can show, in one command of <= 8 minutes on one H100/H200.
+
+PEAK_BF16 = {"H200": 790e12, "H100": 790e12, "A100": 312e12}   # dense bf16 matmul rate (H200: measured)
+
+
+def gpu_check(a):
+    """Random weights, random stand-in text inputs (the encoders and VAE are excluded from
+    every timing, as in the paper). Measures (1) 2b sampling latency at 1024 and 2048 px,
+    bf16, compiled per block, batch 1, 10/10/10 steps with CFG 3: NAMI, piecewise, baseline;
+    (2) one FSDP2 training step of 2b at 1024 (batch 1, all at stage 3, activation
+    checkpointing): seconds and peak memory against the dry run's estimate; (3) 0.6b training
+    images/s at 256 px (its multi-resolution mix, bf16) with MFU. Writes one JSON file.
+    --gpu-check-smoke runs the same code on a tiny model on the CPU (what the tests run)."""
+    import torch.distributed as dist
+    smoke = a.gpu_check_smoke
+    dev = torch.device("cpu" if smoke else "cuda")
+    name = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    report = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "smoke": smoke}
+    now = timer(dev)
+    t_all = time.perf_counter()
+
+    def big(preset, **kw):                                # the preset, or a miniature for the smoke run
+        return nami.preset(preset, **({"width": 64, "heads": 2, "text_dim": 32, "pooled_dim": 16, "text_len": 8,
+                                       "rope_axes": (), **kw} if smoke else kw))
+
+    # (1) sampling latency
+    cfg = big("2b")
+    torch.manual_seed(0)
+    model = nami.NAMI(cfg).to(dev, dtype).eval()
+    with torch.no_grad():
+        for h in model.heads:
+            h.linear.weight.normal_(std=0.02)
+    if not smoke:
+        nami.compile_stages(model, per_block=True)
+    steps = (10, 10, 10) if not smoke else (1, 1, 1)
+    report["sampling"] = []
+    for res in ((16, 32) if smoke else (128, 256)):
+        times, warm = sampling_latency(model, res, steps, 3.0, 1 if smoke else 3, dev, dtype)
+        flops = {v: counted_flops(cfg, v, res, steps, 3.0) for v in VARIANTS}
+        lat = {v: statistics.median(t) for v, t in times.items()}
+        row = {"px": res * 8, "steps": list(steps), "cfg": 3.0, "latency_s": lat, "first_call_s": warm,
+               "tflop": {v: f / 1e12 for v, f in flops.items()},
+               "flop_reduction": 1 - flops["nami"] / flops["baseline"], "latency_reduction": 1 - lat["nami"] / lat["baseline"],
+               "mfu": {v: flops[v] / lat[v] / peak for v in VARIANTS} if peak else None}
+        report["sampling"].append(row)
+        print(json.dumps(row), flush=True)
+    del model
+    # (2) one FSDP2 training step of 2b at 1024, activation checkpointing
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("gloo" if smoke else "nccl", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = nami.NAMI(cfg).to(dev)
+    model.bridge.requires_grad_(False)
+    model.grad_checkpointing = True
+    step_fn = runs.wrap(model, fsdp=not smoke, distributed=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    R = cfg.resolution
+    x = torch.randn(1, cfg.channels, R, R, device=dev)
+    text = random_text(cfg, 1, dev, torch.float32, 3)
+    if not smoke:
+        torch.cuda.reset_peak_memory_stats()
+    step_times = []
+    for i in range(4):                                    # the first includes warm-up
+        t0 = now()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=not smoke):
+            loss, _, _ = step_fn(x, text, (0, 0, 1), None, None, torch.Generator(dev).manual_seed(i))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_times.append(now() - t0)
+    states, acts = nami.memory_estimate(cfg, 1, 1, True, not smoke)
+    report["fsdp_step"] = {"px": R * 8, "batch": 1, "checkpointing": True, "seconds": statistics.median(step_times[1:]),
+                           "first_step_s": step_times[0],
+                           "peak_memory_gib": None if smoke else torch.cuda.max_memory_allocated() / 2 ** 30,
+                           "estimate_gib": (states + acts) / 2 ** 30}
+    print(json.dumps(report["fsdp_step"]), flush=True)
+    del model, step_fn, opt
+    # (3) 0.6b training images/s at 256 px, its multi-resolution mix
+    cfg = big("0.6b", resolution=32 if not smoke else 16)
+    torch.manual_seed(0)
+    model = nami.NAMI(cfg).to(dev)
+    model.bridge.requires_grad_(False)
+    if not smoke:
+        nami.compile_stages(model, per_block=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=not smoke)
+    B, ratios = (64, (4, 2, 1)) if not smoke else (6, (4, 2, 1))
+    x = torch.randn(B, cfg.channels, cfg.resolution, cfg.resolution, device=dev)
+    text = random_text(cfg, B, dev, torch.float32, 4)
+    step_times = []
+    for i in range(6 if not smoke else 2):
+        t0 = now()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=not smoke):
+            loss, _, _ = nami.nami_loss(model, x, text, ratios, generator=torch.Generator(dev).manual_seed(i))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_times.append(now() - t0)
+    sec = statistics.median(step_times[1:])
+    flops = train_flops(cfg, B, ratios)
+    report["train_0.6b"] = {"px": cfg.resolution * 8, "batch": B, "ratios": list(ratios), "seconds_per_step": sec,
+                            "img_per_s": B / sec, "tflop_per_s": flops / sec / 1e12,
+                            "mfu": flops / sec / peak if peak else None, "first_steps_s": step_times[0]}
+    print(json.dumps(report["train_0.6b"]), flush=True)
+    report["total_s"] = time.perf_counter() - t_all
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with open(a.gpu_check_out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {a.gpu_check_out} ({report['total_s']:.0f} s)")
+    return report
+
+
+# -----------------------------------------------------------------------------
+# Quality at equal budget on the shapes world. Each entry: (name, train.py flags, sample.py
+# flags); a name with train flags None is scored on the previous run's weights (nami+bridge:
+# the NAMI run, whose BridgeFlow train.py --transition bridge fits after its budget).
+# Every run samples 30 Euler steps: 10/10/10 for NAMI, 30 for the baseline, PPFlow's levels
+# in proportion to their share of the flow (15/15, 15/8/7).
 ABLATIONS = {
-    "main": [("baseline", ["--variant", "baseline"], ["--sample-steps", "30"]),
-             ("piecewise", ["--variant", "piecewise"], []),
-             ("nami", ["--transition", "bridge"], ["--transition", "renoise"]),
-             ("nami+bridge", None, ["--transition", "bridge"])],
-    # tiny's own split 2:2:2 and windows 2:1:1 are the "nami" row of main
+    # the seeds' comparison (issue: NAMI vs Pyramid Flow vs PPFlow vs the uniform baseline)
+    "study": [("baseline", ["--variant", "baseline"], []),
+              ("piecewise", ["--variant", "piecewise"], []),
+              ("nami", ["--transition", "bridge"], ["--transition", "renoise"]),
+              ("nami+bridge", None, ["--transition", "bridge"]),
+              ("ppflow2", ["--variant", "ppflow2"], []),
+              ("ppflow3", ["--variant", "ppflow3"], [])],
+    # tiny's own split 2:2:2 and windows 2:1:1 are the "nami" row of the study
     "layers": [(f"layers {s}", ["--set", f"stage_layers={s}"], []) for s in ("1:1:4", "4:1:1")],
     "windows": [(f"windows {w}", ["--set", f"windows={w}"], []) for w in ("1:1:1", "1:1:2")],
 }
 
 
-def ablate(kinds, minutes, out, seed, jobs, n_eval):
-    """Train every variant of `kinds` for `minutes` of wall clock (same seed, same data stream),
-    `jobs` at a time with the CPU cores split evenly between them, so that every variant gets
-    the same compute; then score each with `sample.py --eval` (`n_eval` images per prompt) and
-    print a table row and a JSON line each."""
+def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
+    """Train every variant of `kinds` at every training seed for `minutes` of wall clock,
+    `jobs` at a time with the CPU cores split evenly between them, so that every run gets
+    the same compute; score each with `sample.py --eval` (`n_eval` images per prompt) at every
+    eval seed; print per variant the mean and min-max over all (training seed, eval seed)
+    pairs, training and sampling images/s and sampling FLOPs per image; JSON lines; a plot."""
     cores = os.cpu_count() or 1
     if not 1 <= jobs <= cores:
         raise ValueError(f"--jobs {jobs}: give each variant at least one of the {cores} cores")
-    env = {**os.environ, "OMP_NUM_THREADS": str(cores // jobs)}
-    here, runs_, queue, variants = os.path.dirname(os.path.abspath(__file__)), {}, [], []
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores // jobs), "TQDM_DISABLE": "1"}
+    here, queue, evals = os.path.dirname(os.path.abspath(__file__)), [], []
     os.makedirs(out, exist_ok=True)
     for kind in kinds:
-        for name, train_flags, eval_flags in ABLATIONS[kind]:
-            if train_flags is not None:
-                run = f"{kind}-{name.replace(' ', '_')}"
-                queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
-                                    "--out", out, "--name", run, "--seed", str(seed), *train_flags]))
-            runs_[name] = os.path.join(out, run)
-            variants.append((kind, name, eval_flags))
+        for seed in seeds:
+            for name, train_flags, eval_flags in ABLATIONS[kind]:
+                if train_flags is not None:
+                    run = os.path.join(out, f"{kind}-{name.replace(' ', '_')}-s{seed}")
+                    if not os.path.isfile(os.path.join(run, "config.json")):    # a rerun picks up finished runs
+                        queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
+                                            "--out", out, "--name", os.path.basename(run), "--seed", str(seed),
+                                            *train_flags]))
+                evals.append((kind, name, seed, run, eval_flags))
     for i in range(0, len(queue), jobs):
-        procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(os.path.join(out, run + ".log"), "w"),
-                                        stderr=subprocess.STDOUT)) for run, cmd in queue[i: i + jobs]]
-        print(f"training {', '.join(run for run, _ in procs)} ({minutes} min, "
-              f"{env['OMP_NUM_THREADS']} thread(s) each)", flush=True)
+        procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(run + ".log", "w"), stderr=subprocess.STDOUT))
+                 for run, cmd in queue[i: i + jobs]]
+        print(f"[{time.strftime('%H:%M')}] training {', '.join(os.path.basename(r) for r, _ in procs)} "
+              f"({minutes} min, {env['OMP_NUM_THREADS']} thread(s) each; batch {i // jobs + 1} of "
+              f"{-(-len(queue) // jobs)})", flush=True)
         for run, proc in procs:
             if proc.wait():
-                raise RuntimeError(f"training {run} failed: see {os.path.join(out, run + '.log')}")
-    rows = []
-    for j, (kind, name, eval_flags) in enumerate(variants):
-        print(f"scoring {name} ({j + 1}/{len(variants)})", flush=True)
-        log = [json.loads(line) for line in open(os.path.join(runs_[name], "log.jsonl"))] or [{}]
-        steps = json.load(open(os.path.join(runs_[name], "config.json")))["step"]
-        res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", runs_[name], "--eval",
-                              "--n", str(n_eval), "--sample-steps", "10", *eval_flags],
-                             capture_output=True, text=True, check=True)
-        result = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"ablation": kind, "variant": name, "minutes": minutes, "steps": steps,
-                     "train_img_per_s": log[-1].get("img_per_s"), "sample_img_per_s": result["images_per_s"],
-                     **{c: result[c] for c in (*shapes.CATEGORIES, "overall")}})
+                raise RuntimeError(f"training {run} failed: see {run}.log")
+    scored = []
+    for j, (kind, name, seed, run, eval_flags) in enumerate(evals):
+        meta = json.load(open(os.path.join(run, "config.json")))
+        log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] or [{}]
+        cfg = runs.config_from_json(meta["model"])
+        steps = nami.parse_steps(meta["sample"]["steps"], cfg.K)
+        for es in eval_seeds:
+            print(f"[{time.strftime('%H:%M')}] scoring {name}, training seed {seed}, eval seed {es} "
+                  f"({j * len(eval_seeds) + eval_seeds.index(es) + 1}/{len(evals) * len(eval_seeds)})", flush=True)
+            res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", run, "--eval",
+                                  "--n", str(n_eval), "--seed", str(es), *eval_flags],
+                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if res.returncode:
+                raise RuntimeError(f"scoring {run} failed:\n{res.stderr[-2000:]}")
+            result = json.loads(res.stdout.strip().splitlines()[-1])
+            scored.append({"ablation": kind, "variant": name, "seed": seed, "eval_seed": es, "minutes": minutes,
+                           "steps": meta["step"], "train_img_per_s": log[-1].get("img_per_s"),
+                           "sample_img_per_s": result["images_per_s"],
+                           "sample_gflop": round(nami.sampling_flops(cfg, steps, cfg_scale=result["cfg"]) / 1e9, 3),
+                           **{c: result[c] for c in (*shapes.CATEGORIES, "overall")}})
     cats = (*shapes.CATEGORIES, "overall")
-    print(f"\n{'variant':>14} {'steps':>6} {'train img/s':>11} {'sample img/s':>12} " + " ".join(f"{c[:8]:>8}" for c in cats))
+    rows = []
+    for kind, name in dict.fromkeys((r["ablation"], r["variant"]) for r in scored):
+        rs = [r for r in scored if (r["ablation"], r["variant"]) == (kind, name)]
+        mean = lambda key: round(statistics.mean(r[key] for r in rs), 4)
+        rows.append({"ablation": kind, "variant": name, "runs": len({r["seed"] for r in rs}), "evals": len(rs),
+                     "minutes": minutes, "steps": mean("steps"), "train_img_per_s": mean("train_img_per_s"),
+                     "sample_img_per_s": mean("sample_img_per_s"), "sample_gflop": rs[0]["sample_gflop"],
+                     **{c: mean(c) for c in cats}, **{f"{c}_range": [min(r[c] for r in rs), max(r[c] for r in rs)]
+                                                       for c in cats}})
+    print(f"\n{'variant':>14} {'steps':>6} {'train img/s':>11} {'sample img/s':>12} {'GFLOP':>7} "
+          + " ".join(f"{c[:8]:>8}" for c in cats) + "  overall min-max")
     for r in rows:
-        print(f"{r['variant']:>14} {r['steps']:>6} {str(r['train_img_per_s']):>11} {r['sample_img_per_s']:>12} "
-              + " ".join(f"{r[c]:8.3f}" for c in cats))
+        print(f"{r['variant']:>14} {r['steps']:>6.0f} {r['train_img_per_s']:>11.0f} {r['sample_img_per_s']:>12.1f} "
+              f"{r['sample_gflop']:>7.2f} " + " ".join(f"{r[c]:8.3f}" for c in cats)
+              + f"  {r['overall_range'][0]:.3f}-{r['overall_range'][1]:.3f}")
+    with open(os.path.join(out, "results.jsonl"), "w") as f:
+        for r in scored + rows:
+            f.write(json.dumps(r) + "\n")
     for r in rows:
         print(json.dumps(r))
+    if plot:
+        plot_quality(rows, plot)
     return rows
+
+
+def plot_quality(rows, path):
+    """Overall accuracy against sampling FLOPs per image, one point per variant, bars min-max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for r in rows:
+        lo, hi = r["overall_range"]
+        ax.errorbar(r["sample_gflop"], r["overall"], yerr=[[r["overall"] - lo], [hi - r["overall"]]],
+                    fmt="o", capsize=3, label=r["variant"])
+        ax.annotate(r["variant"], (r["sample_gflop"], r["overall"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("sampling GFLOP per image (30 steps, CFG)")
+    ax.set_ylabel("shapes-world overall accuracy")
+    ax.set_title(f"equal training budget: {rows[0]['minutes']} min, {rows[0]['runs']} seeds x "
+                 f"{rows[0]['evals'] // rows[0]['runs']} eval seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -451,21 +625,29 @@ def main(argv=None):
     p.add_argument("--train-worker", metavar="SRC", help=argparse.SUPPRESS)
     p.add_argument("--vs-diffusers", action="store_true", help="time our forward against diffusers' FLUX")
     p.add_argument("--blocks", type=int, help="with --vs-diffusers: keep the first N blocks (a slice)")
-    p.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), help="train and score tiny variants instead (see above)")
-    p.add_argument("--minutes", type=float, default=10, help="with --ablate: wall-clock budget per variant")
-    p.add_argument("--jobs", type=int, default=2, help="with --ablate: variants trained at once, cores split evenly")
-    p.add_argument("--n-eval", type=int, default=3, help="with --ablate: evaluation images per prompt")
-    p.add_argument("--out", default="out/ablate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-check", action="store_true", help="the prepared GPU measurement (see gpu_check)")
+    p.add_argument("--gpu-check-smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-check-out", default="gpu_check.json")
+    p.add_argument("--study", action="store_true", help="train and score the study's variants (= --ablate study)")
+    p.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), help="train and score tiny variants (see ABLATIONS)")
+    p.add_argument("--minutes", type=float, default=10, help="with --study/--ablate: wall-clock budget per run")
+    p.add_argument("--seeds", type=int, default=3, help="with --study/--ablate: training seeds 0..N-1 per variant")
+    p.add_argument("--eval-seeds", type=int, default=2, help="with --study/--ablate: eval seeds 0..N-1 per run")
+    p.add_argument("--jobs", type=int, default=2, help="with --study/--ablate: runs trained at once, cores split evenly")
+    p.add_argument("--n-eval", type=int, default=4, help="with --study/--ablate: evaluation images per prompt")
+    p.add_argument("--out", default="out/study", help="with --study/--ablate: where runs and results.jsonl go")
     a = p.parse_args(argv)
+    if a.gpu_check or a.gpu_check_smoke:
+        return gpu_check(a)
     if a.train_worker:
         return train_worker(a.train_worker, a.preset, a.compile)
     if a.train:
         return train_bench(a)
     if a.vs_diffusers:
         return vs_diffusers(a)
-    if a.ablate:
-        return ablate(a.ablate, a.minutes, a.out, a.seed, a.jobs, a.n_eval)
+    if a.study or a.ablate:
+        return ablate(["study"] if a.study else a.ablate, a.minutes, a.out, list(range(a.seeds)),
+                      list(range(a.eval_seeds)), a.jobs, a.n_eval, os.path.join(a.out, "quality.png"))
     return speed(a)
 
 

@@ -3,7 +3,7 @@ Everything that turns files into tensors for training and sampling.
 
 Parts, in file order:
   to_tensor / to_uint8   the one place images cross between uint8 arrays and model tensors
-  grid / save_png        image grids and atomic PNG writes
+  grid / label / save_png   image grids, their labels, atomic PNG writes
   prepare                crop + resize one PIL image for a multi-resolution model
   ImageFolder            root/metadata.jsonl + images (Hugging Face `imagefolder` layout)
   Cifar10                the CIFAR-10 "python version" folder, read without trusting pickle
@@ -70,6 +70,24 @@ def grid(images, ncol, scale=1):
         r, c = divmod(i, ncol)
         canvas[1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = im
     return canvas.repeat(scale, 0).repeat(scale, 1)
+
+
+def label(canvas, cols=None, rows=None, col_width=None, row_height=None, size=11):
+    """Add a header band with one label per column and a left band with one label per row
+    (PIL's built-in font) to a grid image; returns the larger uint8 image."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=size)
+    pad_top = size + 6 if cols else 0
+    pad_left = (max(int(font.getlength(r)) for r in rows) + 8) if rows else 0
+    H, W, _ = canvas.shape
+    out = Image.new("RGB", (W + pad_left, H + pad_top), (255, 255, 255))
+    out.paste(Image.fromarray(canvas), (pad_left, pad_top))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(cols or []):
+        draw.text((pad_left + j * col_width + 3, 2), text, fill=(0, 0, 0), font=font)
+    for i, text in enumerate(rows or []):
+        draw.text((4, pad_top + i * row_height + row_height // 2 - size // 2 - 1), text, fill=(0, 0, 0), font=font)
+    return np.asarray(out)
 
 
 def save_png(array, path):

@@ -131,10 +131,11 @@ def _caption(form, kinds, relation=None):
     return f"a {c1} {s1} {link} a {c2} {s2}"
 
 
-def sample_scene(rng, form=None):
-    """Random (caption, objects) for one image; form None = uniform over FORMS."""
+def sample_scene(rng, form=None, weights=None):
+    """Random (caption, objects) for one image; form None = drawn from FORMS (uniform, or in
+    proportion to `weights`)."""
     if form is None:
-        form = FORMS[rng.integers(len(FORMS))]
+        form = FORMS[rng.choice(len(FORMS), p=np.asarray(weights) / sum(weights)) if weights else rng.integers(len(FORMS))]
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS} or None")
     colours = list(COLOURS)
@@ -165,16 +166,42 @@ def sample_scene(rng, form=None):
         return _caption(form, kinds, relation), objects
 
 
-def make_batch(n, seed, index=0):
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def mirrored(caption, objects):
+    """The twin of a two-object position scene: the layout mirrored along the relation's axis
+    (shapes re-drawn upright) and the relation word swapped, "a red circle to the left of a
+    blue square" -> "... to the right of ...". None if the mirrored layout's relation is not
+    clear by MIN_OFFSET (a triangle's centroid sits low in its box)."""
+    relation = next((r for r in RELATIONS if f" {r} " in caption), None)
+    if relation is None or len(objects) != 2:
+        return None
+    axis = 2 if relation.endswith(("left of", "right of")) else 3
+    twin = [tuple(IMAGE_SIZE - o[axis] - o[4] if i == axis else v for i, v in enumerate(o)) for o in objects]
+    if not relation_holds(OPPOSITE[relation], centroid(twin[0]), centroid(twin[1]), MIN_OFFSET):
+        return None
+    return caption.replace(f" {relation} ", f" {OPPOSITE[relation]} "), twin
+
+
+def make_batch(n, seed, index=0, forms=None, mirror=False):
     """(n, 32, 32, 3) uint8 images and their captions; a pure function of (seed, index), so the
-    training loop can pass index=step and a resumed run sees exactly the same batches."""
+    training loop can pass index=step and a resumed run sees exactly the same batches.
+    forms: weights of the caption forms (default uniform); mirror: every position scene is
+    followed by its mirrored twin (a direct contrast for the relation word)."""
     rng = np.random.default_rng([seed, index])  # SeedSequence mixes both: no overlapping streams
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    captions = []
-    for i in range(n):
-        caption, objects = sample_scene(rng)
-        images[i] = render(objects)
-        captions.append(caption)
+    captions, i = [], 0
+    while i < n:
+        caption, objects = sample_scene(rng, weights=forms)
+        scenes = [(caption, objects)]
+        twin = mirrored(caption, objects) if mirror else None
+        if twin and i + 1 < n:
+            scenes.append(twin)
+        for caption, objects in scenes:
+            images[i] = render(objects)
+            captions.append(caption)
+            i += 1
     return images, captions
 
 

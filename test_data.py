@@ -420,6 +420,16 @@ def test_bert_pooled_encoder_gives_its_first_state_and_finds_a_sibling_tokenizer
     assert enc.pooled_dim == 32 and torch.allclose(enc.encode(CAPS)[2], ref, atol=1e-6)
 
 
+def test_text_length_follows_the_preset():
+    import nami
+    for name in ("tiny", "cifar"):
+        cfg = nami.preset(name)
+        enc, _ = data.load_encoders(cfg)
+        text = data.encode_text(enc, ["a red circle", ""], "cpu")
+        assert text.tokens.shape == (2, cfg.text_len, cfg.text_dim) and text.mask is None   # no mask on the hot path
+    assert nami.preset("2b").text_len == 256 and nami.preset("tiny").text_len == 14
+
+
 def test_text_encoder_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="all-MiniLM-L6-v2"):
         data.TextEncoder(str(tmp_path / "no" / "such" / "folder"))

@@ -450,6 +450,23 @@ def test_padding_tokens_do_not_change_the_output():
     assert not torch.allclose(m(x, sg, t, stage=2), m(x, sg, unmasked, stage=2), atol=1e-3)
 
 
+def test_unmasked_attention_is_the_masked_one_when_nothing_is_masked():
+    # the hot paths call SDPA without a mask (fixed-length text); a mask of all-True must change nothing
+    m, t = tiny_model(), text(2, T=5)
+    x, sg = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert torch.allclose(m(x, sg, t, stage=2), m(x, sg, t._replace(mask=None), stage=2), atol=1e-6)
+
+
+def test_compiled_stage_equals_eager():
+    # torch.compile(fullgraph=True) of a stage: no graph breaks (it would raise), the same numbers
+    m = tiny_model(width=32, heads=2)
+    x, sg, t = torch.randn(2, 3, 8, 8), torch.rand(2), text(2, T=14)._replace(mask=None)
+    with torch.no_grad():
+        eager = m(x, sg, t, stage=1)
+        nami.compile_stages(m)
+        assert (m(x, sg, t, stage=1) - eager).abs().max() < 1e-4
+
+
 def test_text_positions_make_word_order_visible():
     # the Transformer's sinusoid: [cos(i w_j), sin(i w_j)], w_j = 10000^(-j / (d/2))
     i, d = torch.tensor([0.0, 3.0]), 8

@@ -285,6 +285,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, help="with --dry-run: ranks to estimate memory for")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (torchrun), bf16 mixed precision")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each stage (default: the preset's; the first steps then include compiling)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (folder data)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
@@ -440,6 +442,7 @@ def main(argv=None):
         print(f"{'finished' if finished else 'stopped'} at step {step} after {(time.time() - t0) / 60:.1f} min; "
               f"saved {run}" + ("" if finished else f" (continue with: python train.py --resume {run})"))
         if finished:
+            plot_losses(run)
             sample_grid(cfg, ema_sd, a, enc, vae, run)
     if distributed:
         dist.destroy_process_group()
@@ -463,6 +466,8 @@ def build(cfg, a, run, distributed, init=None):
     model = nami.NAMI(cfg).to(dev)
     model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
     model.grad_checkpointing = a.checkpointing
+    if a.compile:
+        nami.compile_stages(model)
     st = runs.load_checkpoint(run) if a.resume else None
     if st or init:
         model.load_state_dict(st["model"] if st else init)   # full weights, before any sharding
@@ -569,6 +574,34 @@ def sample_grid(cfg, ema, a, enc, vae, run):
         with open(os.path.join(run, f"{name}.txt"), "w") as f:
             f.write("\n".join(prompts) + "\n")
     print(f"wrote {run}/samples.png and {run}/stages.png")
+
+
+def plot_losses(run):
+    """loss.png from the run's log.jsonl: the smoothed loss of each stage (the bar's L1, L2, L3),
+    and the learning rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    if len(log) < 2:
+        return
+    steps = [r["step"] for r in log]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for k in range(len(log[0]["stage_loss"])):
+        ax.plot(steps, [r["stage_loss"][k] for r in log], label=f"stage {k + 1} (L{k + 1})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("per-stage loss (EMA)")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(steps, [r["lr"] for r in log], color="grey", lw=0.8, ls="--")
+    lr.set_ylabel("learning rate", color="grey")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(os.path.basename(os.path.normpath(run)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "loss.png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ MINI = ["--set", "width=32", "--set", "heads=2", "--batch-size", "8", "--dtype",
 
 
 def state(run):
-    return torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    return runs.load_checkpoint(run)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,13 @@ def test_resume_continues_bit_for_bit(trained):
 
 def test_run_folder_contents(trained):
     straight = trained[0]
-    for f in ("config.json", "model.safetensors", "state.pt", "log.jsonl", "samples.png", "stages.png", "samples.txt"):
+    for f in ("config.json", "step_0000006/model.safetensors", "step_0000006/state.pt", "log.jsonl", "samples.png",
+              "stages.png", "samples.txt"):
         assert os.path.isfile(os.path.join(straight, f)), f
+    assert sorted(os.listdir(straight)) == ["config.json", "log.jsonl", "samples.png", "samples.txt", "stages.png",
+                                            "stages.txt", "step_0000006"]    # no lock, no .tmp left behind
     meta = json.load(open(os.path.join(straight, "config.json")))
+    assert meta["checkpoint"] == "step_0000006"
     assert meta["preset"] == "tiny" and meta["data"] == "shapes" and meta["text_encoder"] == "all-MiniLM-L6-v2"
     assert meta["model"]["stage_layers"] == [2, 2, 2] and meta["step"] == 6
     log = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
@@ -123,9 +127,9 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
     out = tmp_path / "imgs"
     sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--steps", "1,1,1", "--stages"])
     names = sorted(os.listdir(out))
-    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.png.txt"]
     assert Image.open(out / "0000.png").size == (32, 32)
-    assert (out / "grid.txt").read_text().splitlines() == prompts.read_text().splitlines()
+    assert (out / "grid.png.txt").read_text().splitlines() == prompts.read_text().splitlines()
 
 
 def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
@@ -157,9 +161,8 @@ def test_sample_eval_prints_scores(trained, capsys):
         assert key in line
     assert 0 <= line["overall"] <= 1 and line["n_images"] == 4 * len(sample.shapes.eval_prompts())
     assert line["overall"] == pytest.approx(result["overall"], abs=1e-4)
-    with pytest.raises(SystemExit):                        # --n 0: a clear error, not the default
+    with pytest.raises(ValueError, match="at least 1 image per prompt"):   # --n 0: an error, not the default
         sample.main(["--ckpt", trained[0], "--eval", "--n", "0"])
-    assert "at least 1 image per prompt" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, trained):

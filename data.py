@@ -28,6 +28,7 @@ Conventions:
 
 import bisect
 import codecs
+import contextlib
 import glob
 import io
 import itertools
@@ -517,6 +518,19 @@ def _resolve(name_or_path):
 LOCAL_ONLY = {}
 
 
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub's own offline switch, held for one load: local_files_only alone is not
+    enough, since building request headers (done even for a cache lookup) makes
+    huggingface_hub 2.x fetch an agent registry from the hub."""
+    import huggingface_hub.constants as hub
+    old, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old
+
+
 def _hf_load(loader, name, what, hint, **kw):
     """Load from a local folder, else the HF cache, else (unless HF_HUB_OFFLINE=1 or the id is
     in LOCAL_ONLY) the hub."""
@@ -525,7 +539,8 @@ def _hf_load(loader, name, what, hint, **kw):
         raise FileNotFoundError(f"{what} folder {name} does not exist; pass {hint}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return loader(name, local_files_only=True, **kw)  # local folder or cache: no network at all
+        with _hub_offline():
+            return loader(name, local_files_only=True, **kw)  # local folder or cache: no network at all
     except (OSError, ValueError) as e:
         if name in LOCAL_ONLY and not local:
             raise OSError(f"{what} '{name}' is not on this machine (no such folder, not in the HF cache), and "
@@ -863,7 +878,12 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    src = (WebDataset(a.data, a.resolutions) if a.data.endswith(".tar") or "{" in a.data
-           else ImageFolder(a.data, a.resolutions))
-    n = encode_dataset(src, VAE(a.vae, device=a.device), a.out, a.batch_size)
-    print(f"wrote {n} latents to {a.out} (skipped {src.skipped} unreadable or too small)")
+    try:                                                  # a user error is one line (as runs.cli does)
+        if a.batch_size < 1:
+            raise ValueError(f"--batch-size {a.batch_size}: give at least 1")
+        src = (WebDataset(a.data, a.resolutions) if a.data.endswith(".tar") or "{" in a.data
+               else ImageFolder(a.data, a.resolutions))
+        n = encode_dataset(src, VAE(a.vae, device=a.device), a.out, a.batch_size)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {n} latents to {a.out} (skipped {src.skipped} unreadable, too small or too large)")

@@ -32,6 +32,7 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -59,6 +60,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError)
 def cli(main):
     """Run main() as a script: a user error prints `error: ...` and exits 1 (NAMI_TRACEBACK=1
     shows the traceback). Called from tests, main(argv) raises as usual."""
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"   # one line, no source
     try:
         main()
     except USER_ERRORS as e:
@@ -246,7 +248,8 @@ def _remove(path):
 
 def _short(e, line=0):
     """One line of an exception's text, for a message of our own."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[line][:200]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[line][:200]}" if lines else type(e).__name__
 
 
 def _quiet(fn):
@@ -362,7 +365,7 @@ def load_checkpoint(run, K=None):
         raise pickle.UnpicklingError(f"{path} holds pickled objects other than tensors; refusing to load it "
                                      f"(train.py never writes such files): {_short(e, -1)}") from None
     except Exception as e:                                # damaged: RuntimeError, EOFError, zip errors ...
-        raise ValueError(f"{path} is damaged or truncated ({type(e).__name__}: {_short(e)}); "
+        raise ValueError(f"{path} is damaged or truncated ({_short(e)}); "
                          f"resume from a copy of the run, or start again") from None
     keys = ("step", "elapsed_s", "model", "ema", "optim", "loss_ema")
     missing = [k for k in keys if not isinstance(st, dict) or k not in st]
@@ -391,9 +394,12 @@ def load_weights(module, state_dict, path):
 
 def load_run(run_dir, device="cpu"):
     """(model, run metadata) from a train.py output folder; weights via safetensors only."""
-    meta = read_meta(run_dir)
+    for _ in range(3):                                    # a live run may commit a newer step (and
+        meta = read_meta(run_dir)                         # delete this one) between our two reads
+        path = os.path.join(checkpoint_dir(run_dir, meta), "model.safetensors")
+        if os.path.isfile(path):
+            break
     cfg = config_from_json(meta["model"], os.path.join(run_dir, "config.json"))
-    path = os.path.join(checkpoint_dir(run_dir, meta), "model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint in {run_dir!r}: {path} is missing (train.py writes it with "
                                 f"config.json)")

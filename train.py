@@ -446,7 +446,7 @@ def parse_set(item):
         v = (tuple((float if "." in x else int)(x) for x in value.split(":")) if kind is tuple else
              value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     except ValueError:
-        example = {tuple: "a:b:c", bool: "true or false", str: "text"}.get(kind, kind.__name__)
+        example = {tuple: "a:b:c", bool: "true or false", float: "a number"}.get(kind, "an int")
         raise ValueError(f"--set {item}: {key} takes {example}") from None
     return key, runs.check_field(key, v, f"--set {item}")
 
@@ -589,7 +589,8 @@ def training(a, given, cfg, meta, run, rank, world, distributed):
     if master:
         logf.close()
         if SKIPPED["n"]:
-            print(f"skipped {SKIPPED['n']} unreadable image(s) (corrupt or too small); training went on without them")
+            print(f"skipped {SKIPPED['n']} unusable image(s) (corrupt, too small or too large); training went on "
+                  f"without them")
 
     finished = not stop["signal"] and step != a.stop_at
     bridge = finished and a.transition == "bridge"
@@ -684,11 +685,13 @@ def check_finite(stage_sum, grad_norm, step, a, run, saved):
     weights nor the checkpoint on disk ever hold it (every rank sees the same reduced values)."""
     if math.isfinite(grad_norm) and bool(torch.isfinite(stage_sum).all()):
         return
-    kept = (f"{run} keeps its checkpoint of step {saved}; continue from it with: python train.py --resume {run} "
-            f"--lr {a.lr / 10:g}" if saved is not None else f"nothing was saved; run again with a lower --lr")
-    raise FloatingPointError(f"step {step + 1}: the loss or its gradient is not finite (grad norm {grad_norm}), "
-                             f"so training stopped before the optimizer step. {kept}. Also worth trying: a longer "
-                             f"--warmup (now {a.warmup}), --dtype fp32 (now {a.dtype}); the lr is now {a.lr:g}")
+    lower = min(a.lr / 10, nami.TRAIN.get(a.preset, {}).get("lr", a.lr / 10))
+    again = (f"{run} keeps its checkpoint of step {saved}: continue with python train.py --resume {run} --lr {lower:g}"
+             if saved is not None else f"nothing was saved: run the same command with --lr {lower:g}")
+    raise FloatingPointError(f"step {step + 1}: the loss or its gradient is not finite (grad norm {grad_norm}); "
+                             f"training stopped before the optimizer step, so it reached neither the weights nor "
+                             f"the disk. {again}. A lower --lr (now {a.lr:g}) or a longer --warmup (now {a.warmup})"
+                             + (" or --dtype fp32" if a.dtype == "bf16" else "") + " usually cures it")
 
 
 def optimizer_step(model, opt, ema, ema_decay, step):

@@ -362,8 +362,9 @@ def load_checkpoint(run, K=None):
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:                   # torch's text advises weights_only=False: never
+        what = [l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported" in l][:1] or [_short(e, -1)]
         raise pickle.UnpicklingError(f"{path} holds pickled objects other than tensors; refusing to load it "
-                                     f"(train.py never writes such files): {_short(e, -1)}") from None
+                                     f"(train.py never writes such files): {what[0][:200]}") from None
     except Exception as e:                                # damaged: RuntimeError, EOFError, zip errors ...
         raise ValueError(f"{path} is damaged or truncated ({_short(e)}); "
                          f"resume from a copy of the run, or start again") from None

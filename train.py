@@ -322,8 +322,8 @@ def parse_args(argv=None):
     return a, vars(p.parse_args(argv))
 
 
-# flags that describe one invocation, not the run: never carried over by --resume (the device
-# is this machine's)
+# flags that describe one invocation, not the run: never recorded, never carried over by
+# --resume (nor is --device, which is the machine's: settle_args drops it)
 TRANSIENT = {"stop_at": None, "overwrite": False, "dry_run": False, "resume": None}
 ENCODERS = ("text_encoder", "pooled_encoder", "vae")     # Config fields: where frozen models load from
 

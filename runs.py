@@ -68,7 +68,8 @@ def cli(main):
             raise
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:                             # Ctrl-C before training started
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_device(name):

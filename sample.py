@@ -116,7 +116,7 @@ def check_args(a):
         # w < 0 steers away from the prompt, and NaN/inf turn every image black
         (a.cfg is not None and not (math.isfinite(a.cfg) and a.cfg >= 0),
          f"--cfg {a.cfg}: the guidance scale must be a finite number >= 0 (0 = unconditional, 1 = no guidance)"),
-        (a.seed < 0, f"--seed {a.seed}: seeds are non-negative"),
+        (not 0 <= a.seed < 1 << 63, f"--seed {a.seed}: seeds are integers in [0, 2^63)"),
         (not re.fullmatch(r"\d+(,\d+)*", a.steps), f"--steps {a.steps}: give Euler steps per window, e.g. "
                                                    f"10,10,10 (or 10 for each)"),
     ]

@@ -493,7 +493,7 @@ TRAIN_FLAGS = [("--batch-size 0", "--batch-size 0"), ("--batch-size -1", "--batc
                ("--ema 2", "--ema 2"), ("--ema 1", "--ema 1"), ("--steps 0", "--steps 0"), ("--steps -5", "--steps -5"),
                ("--cfg nan", "--cfg nan"), ("--cfg -1", "--cfg -1"), ("--seed -1", "--seed -1"),
                ("--workers -1", "--workers -1"), ("--stop-at 0", "--stop-at 0"), ("--sample-steps abc", "--sample-steps"),
-               ("--data /no/such/folder", "does not exist"), ("--set width=abc", "width takes an int"),
+               ("--data /no/such/folder", "no such folder or shard"), ("--data /no/x-{0..3}.tar", "no such folder or shard"), ("--set width=abc", "width takes an int"),
                ("--set width=-16", "width must be a positive int"), ("--set patch=0", "patch must be a positive"),
                ("--set nested=maybe", "nested takes true or false"), ("--device cuda:99", "--device cuda:99"),
                ("--device foo", "not a device name"), ("--out FILE", "is a file"), ("--name=", "--name is empty")]

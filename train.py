@@ -20,6 +20,7 @@ the weights, keeping the last checkpoint.
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -388,7 +389,7 @@ def check_args(a, start=0):
         (a.save_every < 1, f"--save-every {a.save_every}: give at least 1 step"),
         (a.log_every < 1, f"--log-every {a.log_every}: give at least 1 step"),
         (a.workers < 0, f"--workers {a.workers}: give 0 (load in this process) or more"),
-        (a.seed < 0, f"--seed {a.seed}: seeds are non-negative"),
+        (not 0 <= a.seed < 1 << 63, f"--seed {a.seed}: seeds are integers in [0, 2^63)"),
         (a.ranks is not None and a.ranks < 1, f"--ranks {a.ranks}: give at least 1"),
         (a.stop_at is not None and a.stop_at <= start,
          f"--stop-at {a.stop_at}: the run is at step {start}; give a later step"),
@@ -399,8 +400,8 @@ def check_args(a, start=0):
         (not a.resume and a.name is not None and not a.name.strip(), "--name is empty"),
         (not a.resume and os.path.exists(a.out) and not os.path.isdir(a.out),
          f"--out {a.out} is a file, not a folder for runs: pick another --out"),
-        (not data_exists(a.data), f"--data {a.data}: {a.data[len('cifar:'):] if a.data.startswith('cifar:') else a.data} "
-                                  f"does not exist"),
+        (not data_exists(a.data), f"--data {a.data}: no such folder or shard (shards: a list of .tar paths, a "
+                                  f"glob or a brace pattern such as 'data/{{00000..00099}}.tar')"),
     ]
     for bad, message in checks:
         if bad:
@@ -408,9 +409,10 @@ def check_args(a, start=0):
 
 
 def data_exists(spec):
-    """Cheap existence check of a --data folder (shards are matched later, by data.WebDataset)."""
-    path = spec[len("cifar:"):] if spec.startswith("cifar:") else spec
-    return spec == "shapes" or is_shards(spec) or os.path.exists(path)
+    """Cheap existence check of --data: the folder, or at least one shard the pattern names."""
+    if is_shards(spec):
+        return any(glob.glob(p) for p in data.expand_braces(spec))
+    return spec == "shapes" or os.path.exists(spec[len("cifar:"):] if spec.startswith("cifar:") else spec)
 
 
 def check_memory(cfg, a, world):
@@ -502,6 +504,8 @@ def main(argv=None):
     if distributed:
         start_distributed(a)
     run = a.resume or os.path.join(a.out, a.name or a.preset)
+    if a.resume and not os.path.isfile(os.path.join(runs.checkpoint_dir(run, meta), "state.pt")):
+        runs.load_checkpoint(run)                         # raises its "no state.pt" message, before any loading
     lock = runs.claim(run, bool(a.resume), a.overwrite) if rank == 0 else None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -194,7 +194,8 @@ def claim(run, resume=False, overwrite=False):
             for f in os.listdir(run):                     # log.jsonl too: a new run starts a new log
                 if ours(f) and f != LOCK:
                     _remove(os.path.join(run, f))
-        _sweep(run, _quiet(lambda: read_meta(run).get("checkpoint", "")) or "")
+        committed = os.path.isfile(os.path.join(run, "config.json"))    # a damaged one raises: sweep nothing
+        _sweep(run, read_meta(run).get("checkpoint", "") if committed else "")
     except BaseException:
         release(lock)
         raise

@@ -7,7 +7,8 @@ Parts, in file order:
   prepare                crop + resize one PIL image for a multi-resolution model
   ImageFolder            root/metadata.jsonl + images (Hugging Face `imagefolder` layout)
   Cifar10                the CIFAR-10 "python version" folder, read without trusting pickle
-  WebDataset             LAION / img2dataset .tar shards, streamed with the stdlib tarfile
+  WebDataset, WebStream  LAION / img2dataset .tar shards, streamed with the stdlib tarfile;
+                         the endless, shuffled, resumable training stream
   TextEncoder            frozen caption encoder (MiniLM by default; T5 / mT5 / CLIP too)
   load_encoders          the text encoder (and VAE) a model config names
   VAE                    diffusers AutoencoderKL wrapper for the latent presets
@@ -27,8 +28,10 @@ Conventions:
 
 import bisect
 import codecs
+import contextlib
 import glob
 import io
+import itertools
 import json
 import os
 import pickle
@@ -118,6 +121,11 @@ def prepare(img, resolutions):
     2x2 average pooling of that undoes the upsampling exactly, so the loss can use the sample at
     every stage <= r and never above (the paper's multi-resolution data mix)."""
     resolutions = check_resolutions(resolutions)
+    if img.mode.startswith("I"):
+        # 16-bit greyscale (PNG opens as I;16 or I): convert("RGB") would clip every value above
+        # 255 to white, so scale 0..65535 to 0..255 instead
+        a = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # transparent pixels often hold junk RGB (frequently black); show them on white instead
         img = img.convert("RGBA")
@@ -140,13 +148,19 @@ def prepare(img, resolutions):
 
 
 def _decode(data_or_path):
-    """Bytes or path -> PIL image fully decoded, or None if PIL can't read it (corrupt / truncated)."""
+    """Bytes or path -> PIL image fully decoded, or the reason it was not: "corrupt" (PIL can't
+    read it, truncated) or "too_large" (over PIL's decompression-bomb limit of ~89 Mpx: one such
+    file can take a gigabyte to decode, far beyond any stage resolution)."""
     try:
-        with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
-            img.load()  # decoding is lazy; force it here so truncation shows up now, not later
-            return ImageOps.exif_transpose(img)  # a copy, upright (phone photos store rotation in EXIF)
-    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
+                img.load()  # decoding is lazy; force it here so truncation shows up now, not later
+                return ImageOps.exif_transpose(img)  # a copy, upright (phone photos store rotation in EXIF)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return "too_large"
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ...)
+        return "corrupt"
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +171,13 @@ IMAGEFOLDER_LAYOUT = ("expected ROOT/metadata.jsonl with one JSON object per lin
 
 
 class ImageFolder:
-    """Hugging Face `imagefolder` layout: ROOT/metadata.jsonl lists file_name + text."""
+    """Hugging Face `imagefolder` layout: ROOT/metadata.jsonl lists file_name + text.
+
+    metadata.jsonl is UTF-8 (a BOM and CRLF line ends are fine). Every file_name must resolve
+    inside ROOT, symlinks included: one that escapes (../x, /etc/passwd, a link out) is an error
+    naming its line, because reading files outside the dataset is never what a dataset means.
+    Entries whose file is missing (.missing) or whose caption is empty (.no_caption: training
+    on them would silently be unconditional) are dropped and counted."""
 
     def __init__(self, root, resolutions):
         self.root, self.resolutions = str(root), check_resolutions(resolutions)
@@ -165,9 +185,15 @@ class ImageFolder:
         if not os.path.isfile(meta):
             what = "image folder " + self.root if not os.path.isdir(self.root) else meta
             raise FileNotFoundError(f"{what} not found; {IMAGEFOLDER_LAYOUT}")
-        self.entries, self.missing = [], 0  # missing: listed in metadata but not on disk (dropped)
-        with open(meta, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        real_root = os.path.realpath(self.root)
+        self.entries, self.missing, self.no_caption = [], 0, 0
+        with open(meta, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{meta} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                     f"{e.start + 1}): save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -179,13 +205,20 @@ class ImageFolder:
                     raise ValueError(f"{meta} line {n} is not a JSON object with string "
                                      f"'file_name' and 'text': {line.strip()[:200]!r}") from None
                 path = os.path.join(self.root, name)
-                if os.path.isfile(path):
+                real = os.path.realpath(path)
+                if os.path.commonpath([real_root, real]) != real_root:
+                    raise ValueError(f"{meta} line {n}: file_name {name!r} resolves outside the dataset "
+                                     f"folder ({real}); file names must be paths inside {self.root} "
+                                     f"(a symlink pointing out counts too: copy the files in)")
+                if not text.strip():
+                    self.no_caption += 1
+                elif os.path.isfile(path):
                     self.entries.append((path, text))
                 else:
                     self.missing += 1
         if not self.entries:
-            raise ValueError(f"{meta} has no usable entries ({self.missing} listed files missing); "
-                             f"{IMAGEFOLDER_LAYOUT}")
+            raise ValueError(f"{meta} has no usable entries ({self.missing} listed files missing, "
+                             f"{self.no_caption} empty captions); {IMAGEFOLDER_LAYOUT}")
         self.skipped, self.skip_reasons = 0, Counter()
 
     def __len__(self):
@@ -195,10 +228,10 @@ class ImageFolder:
         """-> (uint8 (R, R, 3), caption, native_res), or None for a corrupt / too small image."""
         path, text = self.entries[i]
         img = _decode(path)
-        out = None if img is None else prepare(img, self.resolutions)
+        out = None if isinstance(img, str) else prepare(img, self.resolutions)
         if out is None:
             self.skipped += 1
-            self.skip_reasons["corrupt" if img is None else "too_small"] += 1
+            self.skip_reasons[img if isinstance(img, str) else "too_small"] += 1
             return None
         return out[0], text, out[1]
 
@@ -241,6 +274,22 @@ def _load_pickle(path):
         return _NumpyOnlyUnpickler(f, encoding="bytes").load()
 
 
+def _cifar_batch(path, n_classes):
+    """One CIFAR batch file -> (data (n, 3072) uint8, labels (n,) int64), checked: rows are
+    3072 bytes (the R plane, then G, then B, each 32x32 row-major), one label per row."""
+    b = _load_pickle(path)
+    d = b.get(b"data") if isinstance(b, dict) else None
+    labels = b.get(b"labels") if isinstance(b, dict) else None
+    if not (isinstance(d, np.ndarray) and d.ndim == 2 and d.shape[1] == 3072 and d.dtype == np.uint8):
+        what = f"an array of shape {d.shape} and dtype {d.dtype}" if isinstance(d, np.ndarray) else type(d).__name__
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {what}; {CIFAR_LAYOUT}")
+    if not (isinstance(labels, list) and len(labels) == len(d)
+            and all(isinstance(l, (int, np.integer)) and 0 <= l < n_classes for l in labels)):
+        raise ValueError(f"{path}: b'labels' must list {len(d)} ints in 0..{n_classes - 1}, one per image; "
+                         f"{CIFAR_LAYOUT}")
+    return d, np.asarray(labels, dtype=np.int64)
+
+
 class Cifar10:
     """CIFAR-10 in memory: images (N, 32, 32, 3) uint8, labels (N,), captions 'a photo of a {class}'."""
 
@@ -251,12 +300,16 @@ class Cifar10:
         missing = [n for n in names + ["batches.meta"] if not os.path.isfile(os.path.join(folder, n))]
         if missing:
             raise FileNotFoundError(f"CIFAR-10 files {missing} not found under {root}; {CIFAR_LAYOUT}")
-        self.classes = [c.decode() for c in _load_pickle(os.path.join(folder, "batches.meta"))[b"label_names"]]
-        batches = [_load_pickle(os.path.join(folder, n)) for n in names]
-        # rows are 3072 bytes: the R plane, then G, then B, each 32x32 row-major
-        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        meta_path = os.path.join(folder, "batches.meta")
+        label_names = _load_pickle(meta_path)
+        label_names = label_names.get(b"label_names") if isinstance(label_names, dict) else None
+        if not (isinstance(label_names, list) and label_names and all(isinstance(c, bytes) for c in label_names)):
+            raise ValueError(f"{meta_path} has no b'label_names' list of class names; {CIFAR_LAYOUT}")
+        self.classes = [c.decode("utf-8", errors="replace") for c in label_names]
+        batches = [_cifar_batch(os.path.join(folder, n), len(self.classes)) for n in names]
+        data = np.concatenate([d for d, _ in batches])
         self.images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
-        self.labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+        self.labels = np.concatenate([l for _, l in batches])
         self.captions = [f"a photo of a {self.classes[l]}" for l in self.labels]
         self.skipped, self.skip_reasons = 0, Counter()  # same interface as the other datasets
 
@@ -320,13 +373,20 @@ def _caption(sample):
     return None
 
 
-class WebDataset:
+class WebDataset(torch.utils.data.IterableDataset):
     """Iterable over .tar shards of KEY.{jpg,jpeg,png,webp} + KEY.txt (or KEY.json with caption/text).
 
     Shards are reshuffled every epoch with a seed shared by all ranks, then dealt out
     rank::world_size (and further across DataLoader workers), so ranks read disjoint data.
     The epoch advances after each pass; with DataLoader workers (which iterate copies) call
-    set_epoch(e) before each epoch instead. Samples keep their order within a shard."""
+    set_epoch(e) before each epoch instead. Samples keep their order within a shard: training
+    reads the shards through WebStream, which shuffles across them and resumes exactly.
+
+    The reader is our own (stdlib tarfile) rather than the `webdataset` package: training must
+    resume on the very sample it stopped at, which needs every shuffle and the dealing of
+    records to batches under our control (see WebStream); members are read, never extracted,
+    and links are skipped. What we give up is its pipe: and http:// shard URLs; a pipe: spec
+    would also let a copied run folder's config.json run a shell command on --resume."""
 
     def __init__(self, shards, resolutions, rank=0, world_size=1, seed=0):
         self.resolutions = check_resolutions(resolutions)
@@ -352,40 +412,108 @@ class WebDataset:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def my_shards(self):
+    def rank_shards(self, epoch):
         shards = list(self.shards)
-        random.Random(self.seed + self.epoch).shuffle(shards)  # same order on every rank
-        shards = shards[self.rank::self.world_size]
-        info = torch.utils.data.get_worker_info()
-        return shards[info.id::info.num_workers] if info is not None else shards
+        random.Random(self.seed + epoch).shuffle(shards)  # same order on every rank
+        return shards[self.rank::self.world_size]
 
     def _skip(self, reason):
         self.skipped += 1
         self.skip_reasons[reason] += 1
 
-    def __iter__(self):
-        """Yields (uint8 (R, R, 3), caption, native_res); one pass over this rank's shards."""
-        shards, self.epoch = self.my_shards(), self.epoch + 1
+    def records(self, shards):
+        """Raw samples {ext: bytes} of these shards in order; a damaged shard is warned about
+        and left at the damage, an empty one is warned about."""
         for path in shards:
+            n = 0
             try:
                 for s in _tar_samples(path):
-                    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-                    caption = _caption(s)
-                    if ext is None:
-                        self._skip("no_image")
-                        continue
-                    if not caption:
-                        self._skip("no_caption")
-                        continue
-                    img = _decode(s[ext])
-                    out = None if img is None else prepare(img, self.resolutions)
-                    if out is None:
-                        self._skip("corrupt" if img is None else "too_small")
-                        continue
-                    yield out[0], caption, out[1]
+                    n += 1
+                    yield s
             except (tarfile.TarError, OSError, EOFError) as e:  # truncated / damaged shard
                 warnings.warn(f"stopped reading damaged shard {path}: {e}")
                 self._skip("bad_shard")
+                continue
+            if n == 0:
+                warnings.warn(f"shard {path} holds no samples")
+
+    def sample(self, record):
+        """A raw sample -> (uint8 (R, R, 3), caption, native_res), or None (counted) if bad."""
+        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in record), None)
+        if ext is None:
+            return self._skip("no_image")
+        caption = _caption(record)
+        if not caption:
+            return self._skip("no_caption")
+        img = _decode(record[ext])
+        out = None if isinstance(img, str) else prepare(img, self.resolutions)
+        if out is None:
+            return self._skip(img if isinstance(img, str) else "too_small")
+        return out[0], caption, out[1]
+
+    def __iter__(self):
+        """Yields (uint8 (R, R, 3), caption, native_res); one pass over this rank's shards."""
+        shards, self.epoch = self.rank_shards(self.epoch), self.epoch + 1
+        info = torch.utils.data.get_worker_info()
+        shards = shards[info.id::info.num_workers] if info is not None else shards
+        for record in self.records(shards):
+            if (s := self.sample(record)) is not None:
+                yield s
+
+
+class WebStream(torch.utils.data.IterableDataset):
+    """The endless training stream of a WebDataset, for a DataLoader with batch_size=`batch`:
+    epoch after epoch of shards (reshuffled per epoch, split over ranks, then over the W
+    DataLoader workers), through a shuffle buffer of `buffer` raw records, so that one batch
+    mixes samples of many shards. A bad record comes out as None (its batch is one smaller),
+    so every batch takes exactly `batch` records.
+
+    The resume point is a pure function of (seed, batch index): the DataLoader deals the
+    batches of an iterator to workers in turn, so with `start` = the index of the first batch
+    wanted, worker w plays part (start + w) % W of the stream, skipping its first
+    (start + w) // W batches. Started at any `start`, the stream yields exactly what a stream
+    started at 0 yields from batch `start` on, as long as seed, ranks and workers are the
+    same. Reaching the point re-reads (but does not decode) the records before it. The buffer
+    holds raw bytes (~100 kB a LAION record), not decoded images."""
+
+    def __init__(self, ds, batch, start=0, buffer=1000):
+        self.ds, self.batch, self.start, self.buffer = ds, batch, start, buffer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        part, first = (self.start + w) % W, (self.start + w) // W * self.batch
+        rng = random.Random(f"{self.ds.seed}/{self.ds.rank}/{part}/{W}")
+        for i, record in enumerate(_shuffled(self._endless(part, W), self.buffer, rng)):
+            if i >= first:
+                yield self.ds.sample(record)
+
+    def _endless(self, part, W):
+        for epoch in itertools.count():
+            shards = self.ds.rank_shards(epoch)[part::W]
+            if not shards:
+                raise ValueError(f"{len(self.ds.shards)} shards cannot feed {W} DataLoader workers on each of "
+                                 f"{self.ds.world_size} rank(s): lower --workers or write more, smaller shards")
+            n = 0
+            for record in self.ds.records(shards):
+                n += 1
+                yield record
+            if n == 0:
+                raise ValueError(f"shards {shards[:3]} hold no readable samples")
+
+
+def _shuffled(items, size, rng):
+    """Shuffle buffer: hold `size` items; once full, each new one swaps out a random one."""
+    buf = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = rng.randrange(size)
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)                                       # a finite input drains at the end
+    yield from buf
 
 
 # -----------------------------------------------------------------------------
@@ -401,19 +529,47 @@ def _resolve(name_or_path):
     return str(name_or_path)
 
 
+# Ids that must load from disk (a folder or the HF cache), never from the network, each with
+# how the user can allow the download: the encoders a run folder's config.json names. A copied
+# run folder is untrusted input, and it must not make us fetch an arbitrary repository.
+# load_encoders fills this for the duration of one load; TextEncoder and VAE need not know.
+LOCAL_ONLY = {}
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub's own offline switch, held for one load: local_files_only alone is not
+    enough, since building request headers (done even for a cache lookup) makes
+    huggingface_hub 2.x fetch an agent registry from the hub."""
+    import huggingface_hub.constants as hub
+    old, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old
+
+
 def _hf_load(loader, name, what, hint, **kw):
-    """Load from a local folder, else the HF cache, else (unless HF_HUB_OFFLINE=1) the hub."""
+    """Load from a local folder, else the HF cache, else (unless HF_HUB_OFFLINE=1 or the id is
+    in LOCAL_ONLY) the hub."""
     local = os.path.isdir(name)
     if not local and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"{what} folder {name} does not exist; pass {hint}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return loader(name, local_files_only=True, **kw)  # local folder or cache: no network at all
+        with _hub_offline():
+            return loader(name, local_files_only=True, **kw)  # local folder or cache: no network at all
     except (OSError, ValueError) as e:
+        if name in LOCAL_ONLY and not local:
+            raise OSError(f"{what} '{name}' is not on this machine (no such folder, not in the HF cache), and "
+                          f"ids named by a run folder are never downloaded: {LOCAL_ONLY[name]}") from None
         if local or offline:
             where = "local folder" if local else "hub id (offline, and not in the HF cache)"
             raise OSError(f"could not load {what} from {where} '{name}': {e}\nPass {hint}") from e
-    return loader(name, **kw)
+    try:
+        return loader(name, **kw)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not download {what} '{name}' from the hub: {str(e).strip()[:300]}\nPass {hint}") from e
 
 TEXT_HINT = ("a folder written by save_pretrained (config.json, weights, tokenizer files), a hub id "
              "(downloaded unless HF_HUB_OFFLINE=1), or 'all-MiniLM-L6-v2' (bundled, works offline)")
@@ -614,8 +770,19 @@ class VAE:
         return self.vae.decode(z.to(self.device, self.dtype) / self.scale + self.shift).sample.float()
 
 
-def load_encoders(cfg, device="cpu", cache_size=0):
-    """The text encoder (and VAE, for latent presets) that a model Config names."""
+def load_encoders(cfg, device="cpu", cache_size=0, local_only=None):
+    """The text encoder (and VAE, for latent presets) that a model Config names. local_only:
+    {id: how to allow its download} for ids that must come from disk (see LOCAL_ONLY)."""
+    ids = {part: how for name, how in (local_only or {}).items() if name for part in [name, *name.split("+")]}
+    LOCAL_ONLY.update(ids)
+    try:
+        return _load_encoders(cfg, device, cache_size)
+    finally:
+        for name in ids:
+            LOCAL_ONLY.pop(name, None)
+
+
+def _load_encoders(cfg, device, cache_size):
     enc = TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, length=cfg.text_len,
                       device=device, cache_size=cache_size)
     if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
@@ -662,10 +829,17 @@ def stand_in_encoders(cfg, folder):
 
 
 def atomic(path, write):
-    """write(tmp) then rename tmp -> path: a crash at any moment leaves the previous complete file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp) then rename tmp -> path: a crash at any moment leaves the previous complete file.
+    The temporary name carries the pid, so two writers never share one; a failed write (a full
+    disk) removes it rather than leave a partial file taking the space."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _write_text(path, text):
@@ -799,7 +973,12 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    src = (WebDataset(a.data, a.resolutions) if a.data.endswith(".tar") or "{" in a.data
-           else ImageFolder(a.data, a.resolutions))
-    n = encode_dataset(src, VAE(a.vae, device=a.device), a.out, a.batch_size)
-    print(f"wrote {n} latents to {a.out} (skipped {src.skipped} unreadable or too small)")
+    try:                                                  # a user error is one line (as runs.cli does)
+        if a.batch_size < 1:
+            raise ValueError(f"--batch-size {a.batch_size}: give at least 1")
+        src = (WebDataset(a.data, a.resolutions) if a.data.endswith(".tar") or "{" in a.data
+               else ImageFolder(a.data, a.resolutions))
+        n = encode_dataset(src, VAE(a.vae, device=a.device), a.out, a.batch_size)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {n} latents to {a.out} (skipped {src.skipped} unreadable, too small or too large)")

@@ -1048,6 +1048,20 @@ def count_params(cfg):
         return sum(p.numel() for p in NAMI(cfg).parameters())
 
 
+def memory_estimate(cfg, micro_batch, ranks, checkpointing, fsdp):
+    """Bytes per GPU, estimated for bf16 mixed precision with AdamW, worst case (all samples
+    at the highest-resolution stage). States: fp32 weights + grads + Adam (2) + EMA = 20 B per
+    parameter, divided by the ranks under FSDP. Activations (bf16, flash attention): about
+    34 * N * d bytes per layer per sample (Korthikanti et al., 2022) or, with activation
+    checkpointing, 2 * N * d per layer (its input) plus one layer's worth in recompute."""
+    P = count_params(cfg)
+    N = (cfg.resolution // cfg.patch) ** 2 + cfg.text_len
+    states = 20 * P / (ranks if fsdp else 1)
+    per_layer = 34 * N * cfg.width
+    acts = micro_batch * (cfg.depth * 2 * N * cfg.width + per_layer if checkpointing else cfg.depth * per_layer)
+    return states, acts
+
+
 def forward_flops(cfg, tokens, depth, text_len=None, merged=1):
     """FLOPs (2 per multiply-add) of one forward pass for one image with `tokens` image
     tokens and `depth` blocks: every linear layer plus attention (QK^T and AV, 4 N^2 d).

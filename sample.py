@@ -11,12 +11,17 @@ strip (the paper's Figure 3), or the shapes-world evaluation (GenEval-style accu
 
 Steps are per window (`--sample-steps 10,10,10`); `--transition bridge` uses the run's fitted
 BridgeFlow; `--variant piecewise|baseline` runs the same weights without nesting / windows.
+Next to the grid X.png goes X.png.txt, its prompts (one row per line). The encoders and VAE a
+run's config.json names load only from disk (a folder, the HF cache): a run folder someone
+sent you cannot make this script download anything. Typing --text-encoder / --pooled-encoder /
+--vae ID allows that id's download.
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
-import sys
+import re
 import tempfile
 import time
 
@@ -56,15 +61,81 @@ def stage_check(model, enc, steps, cfg_scale=1.0, seed=0, n=120, transition="ren
 
 
 def read_prompts(path):
+    """One prompt per line: UTF-8 (a BOM, CRLF and blank lines at the end are fine)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"prompts file {path!r} is a folder: give a text file, one prompt per line")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line} is not UTF-8 (byte 0x{raw[e.start]:02x}): "
+                         f"save the file as UTF-8") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():                # the blank last line many editors leave
+        lines.pop()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             raise ValueError(f"{path}:{i} is empty: one prompt per line, no blank lines "
                              f"(use --cfg 1 and a real prompt instead of an empty unconditional one)")
     return [line.strip() for line in lines]
+
+
+def output_paths(out, prompts_file=None):
+    """(grid PNG, its prompt list) for --out, the folder checked writable now, before sampling.
+    The list is the grid's full name + .txt: X.txt next to --out X.png could be anything of the
+    user's (notes, the --prompts-file itself), X.png.txt can only belong to X.png."""
+    grid_mode = out.lower().endswith(".png")
+    if grid_mode and os.path.isdir(out):
+        raise IsADirectoryError(f"--out {out} is a folder: name a new .png file, or the folder without .png")
+    if not grid_mode and os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file: give a .png name for one grid, or a folder")
+    folder = os.path.dirname(os.path.abspath(out)) if grid_mode else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot write to {folder} ({e.strerror or e}); pick another --out") from None
+    grid = out if grid_mode else os.path.join(out, "grid.png")
+    if prompts_file and os.path.exists(grid + ".txt") and os.path.samefile(grid + ".txt", prompts_file):
+        raise FileExistsError(f"--out {out} writes its prompt list to {grid}.txt, which is the --prompts-file: "
+                              f"pick another --out")
+    return grid, grid + ".txt"
+
+
+def check_args(a):
+    """Refuse bad flag values before any model or encoder is loaded."""
+    runs.check_device(a.device)
+    checks = [
+        (a.n is not None and a.n < 1, f"--n {a.n}: give at least 1 image per prompt"),
+        (a.batch_size < 1, f"--batch-size {a.batch_size}: give at least 1"),
+        (a.res is not None and a.res < 1, f"--res {a.res}: give a positive resolution (model cells)"),
+        # cfg mixes v_uncond + w (v_cond - v_uncond): 0 is unconditional, 1 plain conditional;
+        # w < 0 steers away from the prompt, and NaN/inf turn every image black
+        (a.cfg is not None and not (math.isfinite(a.cfg) and a.cfg >= 0),
+         f"--cfg {a.cfg}: the guidance scale must be a finite number >= 0 (0 = unconditional, 1 = no guidance)"),
+        (not 0 <= a.seed < 1 << 63, f"--seed {a.seed}: seeds are integers in [0, 2^63)"),
+        (a.sample_steps is not None and not re.fullmatch(r"\d+(,\d+)*", a.sample_steps),
+         f"--sample-steps {a.sample_steps}: give Euler steps per window, e.g. 10,10,10 (or 10 for each)"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ValueError(message)
+
+
+def run_sampling_defaults(a, meta):
+    """(cfg scale, transition): the flags, else the run's saved ones, checked like the flags."""
+    saved = meta.get("sample", {})
+    cfg_scale = a.cfg if a.cfg is not None else saved.get("cfg", 1.0)
+    transition = a.transition or saved.get("transition", "renoise")
+    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"{a.ckpt}/config.json: sample.cfg is {cfg_scale!r}, not a guidance scale >= 0; pass --cfg")
+    if transition not in ("renoise", "bridge"):
+        raise ValueError(f"{a.ckpt}/config.json: sample.transition is {transition!r}; pass --transition")
+    return cfg_scale, transition
 
 
 def main(argv=None):
@@ -99,16 +170,29 @@ def main(argv=None):
     p.add_argument("--text-encoder", help="override the text encoder folder / hub id")
     p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
     a = p.parse_args(argv)
-
+    check_args(a)
     if a.convert:
         out = runs.convert(a.convert, a.out)
         print(f"wrote {out}: config.json + model.safetensors (sample it with --ckpt {out})")
         return out
+    if not (a.ckpt or a.preset and a.random_weights):
+        p.error("pass --ckpt RUN_DIR (or --preset P --random-weights)")
+    if a.stage_check and a.variant != "nami":
+        p.error("--stage-check walks NAMI's windows: drop --variant")
+    prompts = None
+    if not (a.eval or a.stage_check):
+        prompts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+        if not prompts:
+            p.error("give at least one --prompt or a --prompts-file")
+        if any(not q.strip() for q in prompts):
+            p.error("a --prompt is empty")
+        grid_path, list_path = output_paths(a.out, a.prompts_file)
+
     overrides = {k: v for k, v in (("vae", a.vae), ("text_encoder", a.text_encoder),
                                    ("pooled_encoder", a.pooled_encoder)) if v is not None}
     if a.ckpt:
         model, meta = runs.load(a.ckpt, a.device)
-    elif a.preset and a.random_weights:
+    else:
         cfg = nami.preset(a.preset, **overrides)
         # untrained weights check the whole path; so do stand-ins for encoders not on this machine
         overrides.update(data.stand_in_encoders(cfg, os.path.join(tempfile.gettempdir(), f"nami-stand-ins-{a.preset}")))
@@ -118,8 +202,6 @@ def main(argv=None):
         nami_rand = torch.Generator().manual_seed(a.seed)   # untrained but non-zero exits
         for m in model.heads:
             torch.nn.init.normal_(m.linear.weight, std=0.02, generator=nami_rand)
-    else:
-        p.error("pass --ckpt RUN_DIR (or --preset P --random-weights)")
     cfg = model.cfg
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -127,20 +209,24 @@ def main(argv=None):
         nami.compile_stages(model)
     steps = nami.parse_steps(a.sample_steps or meta.get("sample", {}).get("steps") or "10",
                              1 if a.variant == "baseline" else cfg.K)
-    cfg_scale = a.cfg if a.cfg is not None else meta.get("sample", {}).get("cfg", 1.0)
-    transition = a.transition or meta.get("sample", {}).get("transition", "renoise")
-    enc, vae = data.load_encoders(cfg, a.device)
-
+    cfg_scale, transition = run_sampling_defaults(a, meta)
+    if a.res is not None:
+        try:
+            cfg.check(a.res)
+        except ValueError as e:
+            raise ValueError(f"--res {a.res}: {e}") from None
     if (a.eval or a.stage_check) and (cfg.channels, cfg.resolution) != (3, 32):
-        sys.exit("--eval and --stage-check score the 32x32 shapes world: they need a pixel-space 32x32 model")
+        raise ValueError("--eval and --stage-check score the 32x32 shapes world: they need a pixel-space 32x32 model")
+    # ids from the run's config.json load only from disk; the ones typed here may download
+    local_only = {getattr(cfg, f): f"pass --{f.replace('_', '-')} {getattr(cfg, f)} to allow fetching it from the "
+                                   f"hub, or --{f.replace('_', '-')} FOLDER for a local copy"
+                  for f in ("text_encoder", "pooled_encoder", "vae")
+                  if a.ckpt and getattr(cfg, f) and not getattr(a, f)}
+    enc, vae = data.load_encoders(cfg, a.device, local_only=local_only)
     if a.stage_check:
-        if a.variant != "nami":
-            p.error("--stage-check walks NAMI's windows: drop --variant")
         result = stage_check(model, enc, steps, cfg_scale, a.seed, transition=transition)
         print(json.dumps(result))
         return result
-    if a.n is not None and a.n < 1:
-        p.error(f"--n {a.n}: give at least 1 image per prompt")
     a.n = a.n or (4 if a.eval else 1)
     if a.eval:
         prompts = [q for q in shapes.eval_prompts() for _ in range(a.n)]
@@ -154,11 +240,11 @@ def main(argv=None):
                           "cfg": cfg_scale, "transition": transition, "variant": a.variant}))
         return result
 
-    prompts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
-    if not prompts:
-        p.error("give at least one --prompt or a --prompts-file")
-    if any(not q.strip() for q in prompts):
-        p.error("a --prompt is empty")
+    limit = getattr(enc, "max_length", 77)
+    for q in prompts:                                     # words <= tokens: these surely get cut
+        if len(q.split()) > limit:
+            print(f"note: the text encoder reads {limit} tokens; the prompt {q[:40]!r}... ({len(q.split())} words) "
+                  f"is cut there")
     prompts = [q for q in prompts for _ in range(a.n)]
     images, ends = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
                                  a.batch_size, vae, a.dtype, a.res, a.negative_prompt)
@@ -168,23 +254,19 @@ def main(argv=None):
         sheet, ncol = cells.reshape(-1, *cells.shape[2:]), cells.shape[1]
     else:
         sheet, ncol = images, a.n
-    if a.out.lower().endswith(".png"):
-        data.save_png(data.grid(sheet, ncol, scale), a.out)
-        written = [a.out]
-    else:
-        os.makedirs(a.out, exist_ok=True)
-        written = []
+    written = []
+    if not a.out.lower().endswith(".png"):                # folder mode: one PNG per image, then the grid
         for i, im in enumerate(images):
             data.save_png(im, os.path.join(a.out, f"{i:04d}.png"))
             written.append(os.path.join(a.out, f"{i:04d}.png"))
-        data.save_png(data.grid(sheet, ncol, scale), os.path.join(a.out, "grid.png"))
-        written.append(os.path.join(a.out, "grid.png"))
-    with open(os.path.splitext(written[-1])[0] + ".txt", "w") as f:
-        f.write("\n".join(prompts[:: a.n]) + "\n")          # the grid's rows, top to bottom
+    data.save_png(data.grid(sheet, ncol, scale), grid_path)
+    written.append(grid_path)
+    rows = "\n".join(prompts[:: a.n]) + "\n"              # the grid's rows, top to bottom
+    data.atomic(list_path, lambda tmp: open(tmp, "w", encoding="utf-8").write(rows))
     print(f"wrote {len(written)} file(s): {written[-1]} ({len(images)} images, steps {list(steps)}, "
           f"cfg {cfg_scale}, {transition})")
     return images
 
 
 if __name__ == "__main__":
-    main()
+    runs.cli(main)

@@ -77,6 +77,18 @@ def test_prepare_modes_become_rgb():
     assert (a == 255).all()
 
 
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    # a full-range 16-bit greyscale gradient; 8 bit is v * 255 / 65535, rounded (the closed form)
+    v = (np.arange(32 * 32).reshape(32, 32) * (65535 / (32 * 32 - 1))).round().astype(np.uint16)
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    img = Image.open(tmp_path / "g16.png")
+    assert img.mode.startswith("I")                      # really 16 bit on disk
+    a, r = data.prepare(img, RES)
+    expect = np.floor(v.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert r == 32 and all(np.array_equal(a[..., c], expect) for c in range(3))
+    assert (a == 255).mean() < 0.01                       # clipping would make 99% of it white
+
+
 @pytest.mark.parametrize("bad", [[8, 12, 24], [16, 8], [8, 24], [], [8, 8], [0, 8]])
 def test_prepare_rejects_bad_resolution_lists(bad):
     with pytest.raises(ValueError, match="power-of-two"):
@@ -126,6 +138,32 @@ def test_image_folder_setup_errors(tmp_path, image_folder):
     meta.write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "y"}\n')
     with pytest.raises(ValueError, match="no usable entries"):
         data.ImageFolder(image_folder, RES)
+
+@pytest.mark.parametrize("escape", ["../outside.png", "ABS", "/etc/passwd", "sub/../../outside.png", "LINK"])
+def test_image_folder_refuses_paths_outside_its_root(tmp_path, image_folder, escape):
+    noise_image(32, 7).save(tmp_path / "outside.png")
+    if escape == "LINK":                                  # a symlink inside that points out
+        os.symlink(tmp_path / "outside.png", image_folder / "link.png")
+        escape = "link.png"
+    escape = str(tmp_path / "outside.png") if escape == "ABS" else escape
+    (image_folder / "metadata.jsonl").write_text(json.dumps({"file_name": "full.jpg", "text": "ok"}) + "\n"
+                                                 + json.dumps({"file_name": escape, "text": "out"}) + "\n")
+    with pytest.raises(ValueError, match="line 2: file_name .* resolves outside the dataset folder"):
+        data.ImageFolder(image_folder, RES)
+
+
+def test_image_folder_metadata_encodings_and_empty_captions(image_folder):
+    meta = image_folder / "metadata.jsonl"
+    os.symlink(image_folder / "full.jpg", image_folder / "inside.jpg")   # a link within the root is fine
+    rows = [("sub/big.png", "a big one"), ("full.jpg", ""), ("inside.jpg", "linked"), ("tiny.png", "  ")]
+    lines = [json.dumps({"file_name": f, "text": t}) for f, t in rows]
+    meta.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")     # BOM + CRLF: a Windows export
+    ds = data.ImageFolder(image_folder, RES)
+    assert [t for _, t in ds.entries] == ["a big one", "linked"] and ds.no_caption == 2 and ds.missing == 0
+    meta.write_bytes((lines[0] + "\n").encode() + b'{"file_name": "full.jpg", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"line 2 is not UTF-8 \(byte 0xe9"):
+        data.ImageFolder(image_folder, RES)
+
 
 # -----------------------------------------------------------------------------
 # CIFAR-10
@@ -181,6 +219,22 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="system"):
         data.Cifar10(tmp_path)
     assert not flag.exists()
+
+@pytest.mark.parametrize("field,value,match", [
+    (b"data", np.zeros((2, 1000), np.uint8), r"shape \(N, 3072\), got an array of shape \(2, 1000\)"),
+    (b"data", "a string not an array", "got str"),
+    (b"labels", [99, 0], r"ints in 0..9"),
+    (b"labels", [0], r"must list 2 ints")])
+def test_cifar10_bad_batch_files_name_the_file(tmp_path, field, value, match):
+    folder, *_ = write_fake_cifar(tmp_path)
+    with open(folder / "data_batch_2", "rb") as f:
+        d = pickle.load(f)
+    d[field] = value
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(d, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_2: .*" + match):
+        data.Cifar10(tmp_path)
+
 
 # -----------------------------------------------------------------------------
 # WebDataset
@@ -262,6 +316,27 @@ def test_webdataset_errors_and_damaged_shard(tmp_path, shards):
     got = [c for _, c, _ in items]  # the samples before the cut still come through
     assert 1 <= len(got) < 3 and got == ["caption 1-0", "caption 1-1"][:len(got)]
     assert ds.skip_reasons["bad_shard"] == 1
+
+def stream_batches(ds, start, n, workers, batch=3, buffer=5):
+    loader = torch.utils.data.DataLoader(data.WebStream(ds, batch, start, buffer), batch_size=batch,
+                                         num_workers=workers, collate_fn=list)
+    it = iter(loader)
+    return [[None if s is None else s[1] for s in next(it)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webstream_resumes_on_the_batch_it_stopped_at(shards, workers):
+    root, good = shards
+    ds = data.WebDataset(str(root / "shard-{00000..00003}.tar"), RES, seed=1)
+    whole = stream_batches(ds, 0, 12, workers)
+    for start in (1, 5, 8):                               # started anywhere: the same batches from there
+        assert stream_batches(ds, start, 12 - start, workers) == whole[start:]
+    flat = [c for b in whole for c in b]
+    assert set(flat) == set(good) | {None}                # bad records come out as None, in their slot
+    # the shuffle buffer reorders across shards: not the shards' own order, one after another
+    plain = [c for _, c, _ in data.WebDataset(str(root / "shard-{00000..00003}.tar"), RES, seed=1)]
+    assert [c for c in flat if c][:len(plain)] != plain
+
 
 # -----------------------------------------------------------------------------
 # TextEncoder on tiny random models

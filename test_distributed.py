@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nami
+import runs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +33,7 @@ def log(run):
 
 
 def weights(run):
-    return torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    return runs.load_checkpoint(run)
 
 
 def test_two_ddp_ranks_equal_one_process_on_the_global_batch(tmp_path):

@@ -1,15 +1,23 @@
 """
 End-to-end tests of train.py and sample.py on a miniature model (width 32): bit-exact
-resume, Ctrl-C, atomic and pickle-free checkpoints, the files a run writes, clear errors
-for bad input. Run: python -m pytest -q test_train.py
+resume, Ctrl-C and SIGTERM, atomic and pickle-free checkpoints saved as one unit, the files a
+run writes, run folders never overwritten or shared, NaN never saved, no network for a run
+folder's encoder ids, WebDataset training, clear errors for bad input before anything loads.
+Run: python -m pytest -q test_train.py
 """
+import errno
+import hashlib
+import io
 import json
 import os
 import pickle
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -30,7 +38,24 @@ MINI = ["--set", "width=32", "--set", "heads=2", "--batch-size", "8", "--dtype",
 
 
 def state(run):
-    return torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    return runs.load_checkpoint(run)
+
+
+def copy_run(run, tmp_path, name="copy"):
+    shutil.copytree(run, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def digest(run):
+    """{relative path: sha256} of every file under a run folder."""
+    return {os.path.relpath(os.path.join(d, f), run): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, names in os.walk(run) for f in names}
+
+
+def edit_config(run, **model):
+    meta = json.load(open(os.path.join(run, "config.json")))
+    meta["model"].update(model)
+    open(os.path.join(run, "config.json"), "w").write(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +87,13 @@ def test_resume_continues_bit_for_bit(trained):
 
 def test_run_folder_contents(trained):
     straight = trained[0]
-    for f in ("config.json", "model.safetensors", "state.pt", "log.jsonl", "samples.png", "stages.png", "samples.txt"):
+    for f in ("config.json", "step_0000006/model.safetensors", "step_0000006/state.pt", "log.jsonl", "samples.png",
+              "stages.png", "samples.txt"):
         assert os.path.isfile(os.path.join(straight, f)), f
+    assert sorted(os.listdir(straight)) == ["config.json", "log.jsonl", "loss.png", "samples.png", "samples.txt", "stages.png",
+                                            "stages.txt", "step_0000006"]    # no lock, no .tmp left behind
     meta = json.load(open(os.path.join(straight, "config.json")))
+    assert meta["checkpoint"] == "step_0000006"
     assert meta["preset"] == "tiny" and meta["data"] == "shapes" and meta["text_encoder"] == "all-MiniLM-L6-v2"
     assert meta["model"]["stage_layers"] == [2, 2, 2] and meta["step"] == 6
     log = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
@@ -99,20 +128,21 @@ def test_atomic_write_keeps_the_previous_file(tmp_path):
         raise OSError("disk full")
     with pytest.raises(OSError):
         data.atomic(path, crash)
-    assert open(path).read() == "old"
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["model.safetensors"]   # no .tmp left
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; schedulers, docker stop
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, sig):
     cmd = [sys.executable, "train.py", *MINI, "--out", str(tmp_path), "--name", "c", "--steps", "100000"]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "c" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "train.py --resume" in out
+    assert f"stopped by {sig.name}" in out and "train.py --resume" in out
     step = int(state(str(tmp_path / "c"))["step"])
     assert step >= 2 and json.load(open(tmp_path / "c" / "config.json"))["step"] == step
 
@@ -123,9 +153,15 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
     out = tmp_path / "imgs"
     sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--sample-steps", "1,1,1", "--stages"])
     names = sorted(os.listdir(out))
-    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.txt"]
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.png.txt"]
     assert Image.open(out / "0000.png").size == (32, 32)
-    assert (out / "grid.txt").read_text().splitlines() == prompts.read_text().splitlines()
+    assert (out / "grid.png.txt").read_text().splitlines() == prompts.read_text().splitlines()
+    # --out X.png never touches an X.txt of the user's (here: the prompts file itself)
+    sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(tmp_path / "p.png"), "--sample-steps", "1"])
+    assert prompts.read_text().splitlines()[0] == "a red circle" and len(prompts.read_text().splitlines()) == 3
+    assert (tmp_path / "p.png.txt").read_text() == prompts.read_text()
+    with pytest.raises(FileExistsError, match="is the --prompts-file"):   # ... nor the list it would write
+        sample.main(["--ckpt", trained[0], "--prompts-file", str(tmp_path / "p.png.txt"), "--out", str(tmp_path / "p.png")])
 
 
 def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
@@ -157,9 +193,8 @@ def test_sample_eval_prints_scores(trained, capsys):
         assert key in line
     assert 0 <= line["overall"] <= 1 and line["n_images"] == 4 * len(sample.shapes.eval_prompts())
     assert line["overall"] == pytest.approx(result["overall"], abs=1e-4)
-    with pytest.raises(SystemExit):                        # --n 0: a clear error, not the default
+    with pytest.raises(ValueError, match="at least 1 image per prompt"):   # --n 0: an error, not the default
         sample.main(["--ckpt", trained[0], "--eval", "--n", "0"])
-    assert "at least 1 image per prompt" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, trained):
@@ -191,7 +226,7 @@ def test_image_folder_with_a_corrupt_image_trains(tmp_path, capsys):
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "folder", "--data", str(folder), "--steps", "3"])
     assert int(state(run)["step"]) == 3
-    assert re.search(r"skipped [12] unreadable", capsys.readouterr().out)  # index 3 is drawn at steps 0 and 1
+    assert re.search(r"skipped [12] unusable", capsys.readouterr().out)  # index 3 is drawn at steps 0 and 1
 
 
 def test_dry_run_reports_2b(capsys):
@@ -262,3 +297,244 @@ def test_resume_a_time_budgeted_run_with_more_steps(tmp_path):
     done = int(state(run)["step"])
     train.main(["--resume", run, "--steps", str(done + 3)])
     assert int(state(run)["step"]) == done + 3
+
+
+# -----------------------------------------------------------------------------
+# Nothing lost: run folders, locks, NaN, saves as one unit
+
+
+def test_a_run_folder_is_never_overwritten(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path, "straight")
+    before = digest(run)
+    with pytest.raises(FileExistsError, match=r"already holds a run \(step 6\).*--resume .*--overwrite"):
+        train.main(MINI + ["--out", str(tmp_path), "--name", "straight", "--steps", "2"])
+    assert digest(run) == before
+    # --overwrite replaces it: a new checkpoint and a new log, not the old log plus new lines
+    train.main(MINI + ["--out", str(tmp_path), "--name", "straight", "--steps", "2", "--overwrite"])
+    assert int(state(run)["step"]) == 2 and sorted(f for f in os.listdir(run) if f.startswith("step_")) == ["step_0000002"]
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "log.jsonl"))] == [1, 2]
+
+
+def test_one_writer_per_run_folder_and_a_dead_writers_lock_does_not_block(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path)
+    lock = runs.claim(run, resume=True)                   # another train.py holds the folder
+    try:
+        with pytest.raises(FileExistsError, match=rf"in use by another train.py \(pid {os.getpid()}"):
+            train.main(["--resume", run, "--steps", "7"])
+    finally:
+        runs.release(lock)
+    assert not os.path.exists(os.path.join(run, runs.LOCK))
+    # the lock file of a killed run (its pid long gone; the kernel dropped its flock) is taken over
+    open(os.path.join(run, runs.LOCK), "w").write("999999999\n")
+    runs.release(runs.claim(run, resume=True))
+
+
+def test_a_nan_step_never_reaches_disk(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path)
+    with pytest.raises(FloatingPointError, match=r"step \d+: the loss or its gradient is not finite.*--resume") as e:
+        train.main(["--resume", run, "--lr", "1e30", "--steps", "30", "--save-every", "1"])
+    bad_step = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    st = state(run)
+    assert 6 <= int(st["step"]) < bad_step
+    assert all(bool(torch.isfinite(v).all()) for part in ("model", "ema") for v in st[part].values())
+    runs.load_run(run)                                    # which refuses non-finite weights
+    # a save is refused outright if the weights are not finite
+    ema = dict(st["ema"])
+    ema["img_in.weight"] = ema["img_in.weight"] * float("nan")
+    before = digest(run)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        runs.save_checkpoint(run, runs.read_meta(run), 99, 1.0, [1.0] * 3, st["model"], st["optim"], ema)
+    assert digest(run) == before
+    # and sampling refuses weights that are not finite (as a diverged older run could have saved)
+    from safetensors.torch import save_file
+    save_file(ema, os.path.join(runs.checkpoint_dir(run), "model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 of \d+ weight tensors hold NaN or inf \(e.g. img_in.weight\)"):
+        sample.main(["--ckpt", run, "--prompt", "a red circle", "--out", str(tmp_path / "x.png")])
+
+
+def test_a_save_killed_between_its_files_leaves_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+    run = copy_run(trained[0], tmp_path)
+    before, st = digest(run), state(run)
+    save = lambda: runs.save_checkpoint(run, runs.read_meta(run), 7, 1.0, [1.0] * 3, st["model"], st["optim"],
+                                        st["ema"])
+
+    def dies_midway(tensors, path, **kw):                 # state.pt is written; model.safetensors half
+        open(path, "wb").write(b"\0" * 1000)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    assert digest(run) == before                          # the step-6 unit untouched, no debris
+    # a full disk: the same, and the message says so
+    def disk_full(obj, path):
+        open(path, "wb").write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runs.torch, "save", disk_full)
+    with pytest.raises(OSError, match="disk full while saving step 7.*previous checkpoint is intact"):
+        save()
+    assert digest(run) == before
+    # kill -9 cleans nothing up: what it leaves (a half-written folder, a complete but uncommitted
+    # one, a temporary config.json) is never read, and the next train.py sweeps it away
+    os.makedirs(os.path.join(run, "step_0000007.tmp"))
+    open(os.path.join(run, "step_0000007.tmp", "state.pt"), "wb").write(b"\0" * 10)
+    shutil.copytree(runs.checkpoint_dir(run), os.path.join(run, "step_0000008"))
+    open(os.path.join(run, "config.json.4242.tmp"), "w").write('{"step": 8, "checkpoint": "step_0000008"')
+    model, meta = runs.load_run(run)
+    assert meta["step"] == int(runs.load_checkpoint(run)["step"]) == 6
+    assert all(torch.equal(v, st["ema"][k]) for k, v in model.state_dict().items())
+    runs.release(runs.claim(run, resume=True))
+    assert digest(run) == before
+
+
+def test_a_run_folder_of_the_old_layout_loads_and_resumes(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path)
+    meta = json.load(open(os.path.join(run, "config.json")))
+    folder = os.path.join(run, meta.pop("checkpoint"))    # before step folders: files at the top
+    for f in ("state.pt", "model.safetensors"):
+        shutil.move(os.path.join(folder, f), os.path.join(run, f))
+    os.rmdir(folder)
+    open(os.path.join(run, "config.json"), "w").write(json.dumps(meta))
+    assert int(state(run)["step"]) == 6 and runs.load_run(run)[1]["step"] == 6
+    train.main(["--resume", run, "--steps", "7"])
+    assert int(state(run)["step"]) == 7 and not os.path.exists(os.path.join(run, "state.pt"))
+    assert json.load(open(os.path.join(run, "config.json")))["checkpoint"] == "step_0000007"
+
+
+def test_resume_keeps_the_model_records_new_flags_and_trims_the_log(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path)
+    for flags, match in ((["--preset", "cifar"], "--preset cifar cannot change a saved model"),
+                         (["--set", "width=64"], "--set width=64 cannot change a saved model .*width=32"),
+                         (["--variant", "baseline"], "--variant baseline cannot change")):
+        with pytest.raises(ValueError, match=match):
+            train.main(["--resume", run, "--steps", "8", *flags])
+    with open(os.path.join(run, "log.jsonl"), "a") as f:  # lines of a run killed before it saved them
+        f.write(json.dumps({"step": 7}) + "\n" + json.dumps({"step": 8})[:5])
+    train.main(["--resume", run, "--steps", "7", "--batch-size", "16", "--set", "width=32"])   # the same width: fine
+    meta = json.load(open(os.path.join(run, "config.json")))
+    assert (meta["args"]["batch_size"], meta["args"]["steps"], meta["step"]) == (16, 7, 7)
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "log.jsonl"))] == [1, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="already at step 7"):
+        train.main(["--resume", run, "--steps", "5"])
+
+
+# -----------------------------------------------------------------------------
+# Nothing read from outside: a run folder's encoder ids never reach the network
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every way out to the hub fails loudly and is recorded."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[:2])
+        raise OSError("this test allows no network")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    import huggingface_hub.utils._detect_agent as agent     # huggingface_hub 2.x fetches this once per
+    monkeypatch.setattr(agent, "_registry", None, raising=False)   # process: make it try again here
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return calls
+
+
+def test_a_run_config_naming_a_hub_id_makes_no_network_call(trained, tmp_path, no_network):
+    run = copy_run(trained[0], tmp_path)
+    edit_config(run, text_encoder="attacker/evil-encoder")
+    out = str(tmp_path / "x.png")
+    with pytest.raises(OSError, match="never downloaded: pass --text-encoder attacker/evil-encoder"):
+        sample.main(["--ckpt", run, "--prompt", "a red circle", "--out", out])
+    edit_config(run, text_encoder="all-MiniLM-L6-v2", vae="attacker/evil-vae")   # the bundled one still loads
+    with pytest.raises(OSError, match="never downloaded: pass --set vae=attacker/evil-vae"):
+        train.main(["--resume", run, "--steps", "7"])
+    assert no_network == []
+    # typed by the user, an id may be fetched: the guard above does see network calls
+    with pytest.raises(OSError, match="could not download"):
+        sample.main(["--ckpt", run, "--prompt", "a red circle", "--out", out, "--vae", "attacker/evil-vae"])
+    assert no_network
+
+
+# -----------------------------------------------------------------------------
+# WebDataset shards end to end
+
+
+def test_webdataset_training_runs_three_steps_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as tf:
+            for j in range(6):
+                png = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
+                for ext, payload in (("png", png.getvalue()), ("txt", f"picture {s} {j}".encode())):
+                    info = tarfile.TarInfo(f"{s}{j:04d}.{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+    args = MINI + ["--out", str(tmp_path), "--data", str(tmp_path / "shard-{0..1}.tar"), "--steps", "3"]
+    straight = train.main(args + ["--name", "straight"])
+    halves = train.main(args + ["--name", "halves", "--stop-at", "2"])
+    assert int(state(halves)["step"]) == 2
+    train.main(["--resume", halves])
+    a, b = state(straight), state(halves)
+    assert int(a["step"]) == int(b["step"]) == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])   # it read the same batches
+
+
+# -----------------------------------------------------------------------------
+# Bad flags: refused before any model, encoder or data is loaded
+
+
+TRAIN_FLAGS = [("--batch-size 0", "--batch-size 0"), ("--batch-size -1", "--batch-size -1"),
+               ("--grad-accum 0", "--grad-accum 0"), ("--save-every 0", "--save-every 0"),
+               ("--log-every 0", "--log-every 0"), ("--warmup -1", "--warmup -1"), ("--minutes 0", "--minutes 0"),
+               ("--lr nan", "--lr nan"), ("--lr -1", "--lr -1"), ("--beta2 1.5", "--beta2 1.5"),
+               ("--ema 2", "--ema 2"), ("--ema 1", "--ema 1"), ("--steps 0", "--steps 0"), ("--steps -5", "--steps -5"),
+               ("--cfg nan", "--cfg nan"), ("--cfg -1", "--cfg -1"), ("--seed -1", "--seed -1"),
+               ("--workers -1", "--workers -1"), ("--stop-at 0", "--stop-at 0"), ("--sample-steps abc", "--sample-steps"),
+               ("--data /no/such/folder", "no such folder or shard"), ("--data /no/x-{0..3}.tar", "no such folder or shard"), ("--set width=abc", "width takes an int"),
+               ("--set width=-16", "width must be a positive int"), ("--set patch=0", "patch must be a positive"),
+               ("--set nested=maybe", "nested takes true or false"), ("--device cuda:99", "--device cuda:99"),
+               ("--device foo", "not a device name"), ("--out FILE", "is a file"), ("--name=", "--name is empty")]
+
+
+@pytest.mark.parametrize("flags,match", TRAIN_FLAGS)
+def test_train_refuses_bad_flags_before_loading_anything(flags, match, tmp_path, monkeypatch):
+    nothing = lambda *a, **k: pytest.fail("loaded or created something before checking the flags")
+    monkeypatch.setattr(data, "load_encoders", nothing)
+    monkeypatch.setattr(runs, "claim", nothing)
+    (tmp_path / "FILE").write_text("notes")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags.split()]
+    with pytest.raises(ValueError, match=re.escape(match)):
+        train.main(MINI + ["--out", str(tmp_path), "--steps", "3"] + flags)
+
+
+SAMPLE_FLAGS = [("--n 0", "--n 0"), ("--batch-size 0", "--batch-size 0"), ("--res 0", "--res 0"),
+                ("--res -32", "--res -32"), ("--cfg nan", "--cfg nan"), ("--cfg -5", "--cfg -5"),
+                ("--sample-steps abc", "--sample-steps abc"), ("--seed -1", "--seed -1"), ("--device cuda:99", "cuda:99"),
+                ("--out FILE/y.png", "cannot write to"), ("--prompts-file DIR", "is a folder"),
+                ("--prompts-file LATIN1", r"latin1.txt:2 is not UTF-8 \(byte 0xe9")]
+
+
+@pytest.mark.parametrize("flags,match", SAMPLE_FLAGS)
+def test_sample_refuses_bad_flags_before_loading_anything(flags, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "load", lambda *a, **k: pytest.fail("loaded the run before checking the flags"))
+    (tmp_path / "FILE").write_text("notes")
+    (tmp_path / "latin1.txt").write_bytes(b"a red circle\ncaf\xe9 au lait\n")
+    subs = {"FILE": str(tmp_path / "FILE"), "DIR": str(tmp_path), "LATIN1": str(tmp_path / "latin1.txt")}
+    flags = [subs.get(f, f.replace("FILE", subs["FILE"])) for f in flags.split()]
+    with pytest.raises((ValueError, OSError), match=match):
+        sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle"] + flags)
+
+
+def test_prompts_file_accepts_bom_crlf_and_a_blank_last_line(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_bytes(b"\xef\xbb\xbfa red circle\r\ntwo blue squares\r\n\r\n\n")
+    assert sample.read_prompts(str(p)) == ["a red circle", "two blue squares"]
+
+
+def test_a_user_error_is_one_line_not_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--batch-size", "0", "--out", str(tmp_path)], cwd=HERE,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == "error: --batch-size 0: give at least 1", out.stderr

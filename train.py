@@ -9,14 +9,22 @@ training: every step trains all stages on one batch that mixes resolutions.
   torchrun --nproc_per_node=8 train.py --preset 2b --data '/data/laion/{00000..09999}.tar' --fsdp
   python train.py --resume out/tiny                # continue a stopped run exactly where it stopped
 
-Output (out/<run>/): config.json, model.safetensors (EMA weights, what sample.py loads),
-state.pt (raw weights + optimizer + step, for --resume; tensors only, loaded weights_only),
-log.jsonl (per-stage losses), samples.png + stages.png (+ .txt with their prompts).
+Output (out/<run>/, see runs.py): config.json, step_N/ with model.safetensors (EMA weights,
+what sample.py loads) and state.pt (raw weights + optimizer + step, for --resume; tensors only,
+loaded weights_only), log.jsonl (per-stage losses), samples.png + stages.png (+ .txt with their
+prompts). A run folder is made once: a second run into it needs --resume or --overwrite, and
+one train.py at a time holds it. Ctrl-C or SIGTERM (schedulers, docker stop) finishes the step,
+saves and prints how to resume; a non-finite loss or gradient stops the run before it touches
+the weights, keeping the last checkpoint.
 """
 import argparse
 import contextlib
+import dataclasses
+import glob
 import json
+import math
 import os
+import re
 import signal
 import time
 from dataclasses import asdict, fields, replace
@@ -64,8 +72,8 @@ def stage_ratios(cfg, progress, phases):
 
 
 def learning_rate(base, step, progress, warmup, phases="paper"):
-    """Linear warmup over `warmup` steps, then the current phase's multiplier."""
-    return base * phase(progress, 3, phases)[1] * min(1.0, (step + 1) / warmup)
+    """Linear warmup over `warmup` steps (0: none), then the current phase's multiplier."""
+    return base * phase(progress, 3, phases)[1] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
 
 def dynamic_weights(stage_loss_ema):
@@ -104,9 +112,17 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, vae=None, device="cp
             images, captions = shapes.make_batch(batch, seed, step)
             return model_space(data.to_tensor(images[rank::world]), captions[rank::world], None)
         return get
-    if spec.endswith(".tar") or "{" in spec:              # a stream: resumes at a new shard order
-        stream = iter(_loader(data.WebDataset(spec, res, rank, world, seed), batch // world, workers))
-        return lambda step: model_space(*_unpack(next(stream)))
+    if is_shards(spec):                                   # a stream, resumed at its batch (data.WebStream)
+        ds = data.WebDataset(spec, res, rank, world, seed)
+        workers = min(workers, len(ds.shards) // world)   # a worker without shards would starve
+        stream = {"next": None, "it": None}
+
+        def get(step):
+            if stream["next"] != step:
+                stream["it"] = iter(_loader(data.WebStream(ds, batch // world, step), batch // world, workers))
+            stream["next"] = step + 1
+            return model_space(*_unpack(next(stream["it"])))
+        return get
     if spec.startswith("cifar:"):
         ds = data.Cifar10(spec[len("cifar:"):])
         if res[-1] != 32:
@@ -115,6 +131,9 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, vae=None, device="cp
         ds = data.LatentFolder(spec)
     else:
         ds = data.ImageFolder(spec, res)
+        if rank == 0 and (ds.missing or ds.no_caption):
+            print(f"{spec}: left out {ds.missing} listed file(s) that do not exist and {ds.no_caption} "
+                  f"entr{'y' if ds.no_caption == 1 else 'ies'} with an empty caption; training on {len(ds)}")
     n = len(ds)
     if n < batch:
         raise ValueError(f"{spec} has {n} samples, fewer than one batch of {batch}: lower --batch-size")
@@ -135,6 +154,10 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, vae=None, device="cp
     return get
 
 
+def is_shards(spec):
+    return spec.endswith(".tar") or "{" in spec
+
+
 def _loader(ds, batch, workers, batch_sampler=None):
     kw = dict(num_workers=workers, collate_fn=list, persistent_workers=False)
     if batch_sampler is not None:
@@ -149,85 +172,14 @@ def _unpack(items):
     good = [it for it in items if it is not None]         # corrupt images come back as None: skipped
     SKIPPED["n"] += len(items) - len(good)
     if not good:
-        raise RuntimeError("a whole batch was unreadable: check the dataset's images")
+        raise ValueError("a whole batch was unreadable: check the dataset's images")
     xs, captions, native = zip(*good)
     x = torch.stack(list(xs)) if torch.is_tensor(xs[0]) else data.to_tensor(np.stack(xs))
     return x, list(captions), list(native)
 
 
 # -----------------------------------------------------------------------------
-# Data parallelism: DDP for the small presets, FSDP2 (fully_shard) for 0.6b / 2b.
-
-
-class Objective(torch.nn.Module):
-    """The whole multi-stage loss as one module call. nami_loss runs the model once per stage,
-    but DDP (and FSDP's root) expect one forward per backward: wrapping the loss gives them that."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return nami.nami_loss(self.model, *args, **kwargs)
-
-
-def wrap(model, a, distributed):
-    """The module a training step calls: plain, DDP, or FSDP2 with every block its own shard
-    unit and bf16 compute (fp32 master weights, fp32 gradient reduction)."""
-    objective = Objective(model)
-    if a.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for blk in model.blocks:
-            fully_shard(blk, mp_policy=mp)
-        fully_shard(objective, mp_policy=mp)
-    elif distributed:
-        objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    return objective
-
-
-def full_state(model, opt, ema, fsdp):
-    """(model, optimizer, EMA) state as full tensors. Under FSDP the shards are gathered, which
-    is a collective: every rank calls this, rank 0 writes."""
-    if not fsdp:
-        return model.state_dict(), opt.state_dict(), ema
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = lambda v: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v.cpu()
-    return (get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o),
-            {k: full(v) for k, v in ema.items()})
-
-
-def load_state(model, opt, ema, st, fsdp):
-    """Restore a full (gathered) checkpoint into a possibly sharded model, optimizer and EMA."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, st["optim"], options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(st["optim"])
-    for k, v in ema.items():
-        full = st["ema"][k].to(v.device)
-        v.copy_(distribute_tensor(full, v.device_mesh, v.placements) if isinstance(v, DTensor) else full)
-
-
-# -----------------------------------------------------------------------------
-# Built-in report: parameters, FLOPs per stage, memory per GPU.
-
-
-def memory_estimate(cfg, micro_batch, ranks, checkpointing, fsdp):
-    """Bytes per GPU, estimated for bf16 mixed precision with AdamW, worst case (all samples
-    at the highest-resolution stage). States: fp32 weights + grads + Adam (2) + EMA = 20 B per
-    parameter, divided by the ranks under FSDP. Activations (bf16, flash attention): about
-    34 * N * d bytes per layer per sample (Korthikanti et al., 2022) or, with activation
-    checkpointing, 2 * N * d per layer (its input) plus one layer's worth in recompute."""
-    P = nami.count_params(cfg)
-    N = (cfg.resolution // cfg.patch) ** 2 + cfg.text_len
-    states = 20 * P / (ranks if fsdp else 1)
-    per_layer = 34 * N * cfg.width
-    acts = micro_batch * (cfg.depth * 2 * N * cfg.width + per_layer if checkpointing else cfg.depth * per_layer)
-    return states, acts
+# Built-in report: parameters, FLOPs per stage, memory per GPU (nami.memory_estimate).
 
 
 def dry_run(cfg, a, ranks):
@@ -246,7 +198,7 @@ def dry_run(cfg, a, ranks):
     print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
           f"{bf / 1e12:.2f} TFLOP per image (-{100 * (1 - nf / bf):.1f}%)")
     micro = max(1, a.batch_size // (ranks * a.grad_accum))
-    states, acts = memory_estimate(cfg, micro, ranks, a.checkpointing, a.fsdp)
+    states, acts = nami.memory_estimate(cfg, micro, ranks, a.checkpointing, a.fsdp)
     print(f"memory per GPU (estimate, {ranks} rank(s), micro-batch {micro}, "
           f"{'FSDP' if a.fsdp else 'replicated'}, checkpointing {'on' if a.checkpointing else 'off'}): "
           f"{(states + acts) / 2 ** 30:.1f} GiB = {states / 2 ** 30:.1f} states + {acts / 2 ** 30:.1f} activations")
@@ -258,7 +210,7 @@ def dry_run(cfg, a, ranks):
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(nami.PRESETS))
     p.add_argument("--data", default="shapes", help="shapes | cifar:PATH | imagefolder PATH | latents PATH | 'shards/{0000..0099}.tar'")
@@ -268,13 +220,14 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float)
     p.add_argument("--beta2", type=float, help="AdamW's second-moment decay (beta1 is 0.9)")
-    p.add_argument("--warmup", type=int)
+    p.add_argument("--warmup", type=int, help="linear learning-rate warmup steps (0: none)")
     p.add_argument("--ema", type=float)
     p.add_argument("--phases", choices=list(nami.PHASES), help="resolution ratios over the run (nami.PHASES; default: the preset's)")
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
     p.add_argument("--out", default="out", help="parent folder of runs")
     p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
     p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT/NAME (checkpoint and log)")
     p.add_argument("--init-from", metavar="DIR", help="fine-tune: start a new run from these weights (a run folder, "
                    "or the released NAMI-2B's folder); the model config comes from there")
     p.add_argument("--stop-at", type=int, help="stop (and save) at this step, to be resumed later")
@@ -301,10 +254,21 @@ def parse_args(argv=None):
                    help="bridge: fit BridgeFlow on the model's own stage end points after training")
     p.add_argument("--cfg", type=float)
     p.add_argument("--sample-steps")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     for action in p._actions:                             # parse again to see which flags were typed
         action.default = argparse.SUPPRESS
     return a, vars(p.parse_args(argv))
+
+
+# flags that describe one invocation, not the run: never recorded, never carried over by
+# --resume (nor is --device, which is the machine's: settle_args drops it)
+TRANSIENT = {"stop_at": None, "overwrite": False, "dry_run": False, "resume": None}
+ENCODERS = ("text_encoder", "pooled_encoder", "vae")     # Config fields: where frozen models load from
 
 
 def settle_args(a, given):
@@ -315,10 +279,10 @@ def settle_args(a, given):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {a.resume}: not a train.py run folder (expected config.json "
                                     f"and state.pt; a run saves them every --save-every steps and on Ctrl-C)")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = runs.read_meta(a.resume)
+        saved = {k: v for k, v in check_saved_args(meta.get("args", {}), path).items() if k != "device"}
         # a run saved before --phases and --beta2 existed trained with the paper's phases and 0.99
-        a = argparse.Namespace(**{"phases": "paper", "beta2": 0.99, **meta["args"], "stop_at": None, **given})
+        a = argparse.Namespace(**{**vars(a), "phases": "paper", "beta2": 0.99, **saved, **TRANSIENT, **given})
     else:
         meta = None
         if a.init_from and "preset" not in given:         # fine-tuning: the recipe of the weights' preset
@@ -328,11 +292,87 @@ def settle_args(a, given):
                 setattr(a, k, v)
         if a.variant.startswith("ppflow") and "sample_steps" not in given:   # 30 steps, split PPFlow's way
             a.sample_steps = ",".join(map(str, nami.default_steps(nami.preset(a.preset, **VARIANTS[a.variant]))))
-        if a.dtype is None:                               # CPUs without bf16 matrix units run bf16 slower
-            a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
+    if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
+        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     if "steps" in given and "minutes" not in given:       # an explicit step count beats a time budget,
         a.minutes = None                                  # the preset's or a resumed run's used-up one
     return a, meta
+
+
+def check_saved_args(saved, path):
+    """The flags a resumed run saved, type-checked as the command line would have parsed them."""
+    for act in parser()._actions:
+        v = saved.get(act.dest)
+        if v is None or act.dest == "help":
+            continue
+        kind = {int: int, float: (int, float)}.get(act.type, bool if act.nargs == 0 else list if act.dest == "set" else str)
+        ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+        ok = ok and (not act.choices or v in act.choices) and (kind is not list or all(isinstance(x, str) for x in v))
+        if not ok:
+            raise ValueError(f"{path}: args.{act.dest} is {v!r}, which {act.option_strings[0]} does not take")
+    return saved
+
+
+def check_args(a, start=0):
+    """Refuse bad flag values now, before any model, encoder or data is loaded. `start`: the step
+    a resumed run is at."""
+    finite = lambda v: v is not None and math.isfinite(v)
+    runs.check_device(a.device)
+    checks = [
+        (a.resume and a.overwrite, "--resume continues a run and --overwrite replaces one: pass only one"),
+        (a.steps is not None and a.steps < 1, f"--steps {a.steps}: give a positive number of steps"),
+        (a.steps is not None and a.minutes is None and a.steps < start,
+         f"--steps {a.steps}: the run is already at step {start}; pass a larger --steps to train on"),
+        (a.minutes is not None and not (finite(a.minutes) and a.minutes > 0),
+         f"--minutes {a.minutes}: give a positive time budget"),
+        (a.steps is None and a.minutes is None, "give --steps or --minutes"),
+        (a.batch_size < 1, f"--batch-size {a.batch_size}: give at least 1"),
+        (a.grad_accum < 1, f"--grad-accum {a.grad_accum}: give at least 1 (1 = no accumulation)"),
+        (not (finite(a.lr) and a.lr > 0), f"--lr {a.lr}: the learning rate must be a positive number"),
+        (not (finite(a.beta2) and 0 <= a.beta2 < 1), f"--beta2 {a.beta2}: AdamW's decay lies in [0, 1), e.g. 0.99"),
+        (a.warmup < 0, f"--warmup {a.warmup}: give 0 (no warmup) or more steps"),
+        (not (finite(a.ema) and 0 <= a.ema < 1), f"--ema {a.ema}: the EMA decay lies in [0, 1), e.g. 0.999"),
+        (a.save_every < 1, f"--save-every {a.save_every}: give at least 1 step"),
+        (a.log_every < 1, f"--log-every {a.log_every}: give at least 1 step"),
+        (a.workers < 0, f"--workers {a.workers}: give 0 (load in this process) or more"),
+        (not 0 <= a.seed < 1 << 63, f"--seed {a.seed}: seeds are integers in [0, 2^63)"),
+        (a.ranks is not None and a.ranks < 1, f"--ranks {a.ranks}: give at least 1"),
+        (a.stop_at is not None and a.stop_at <= start,
+         f"--stop-at {a.stop_at}: the run is at step {start}; give a later step"),
+        (a.cfg is not None and not (finite(a.cfg) and a.cfg >= 0),
+         f"--cfg {a.cfg}: the guidance scale must be a finite number >= 0 (0 = unconditional, 1 = no guidance)"),
+        (not re.fullmatch(r"\d+(,\d+)*", str(a.sample_steps)),
+         f"--sample-steps {a.sample_steps}: give Euler steps per window, e.g. 10,10,10 (or 10 for each)"),
+        (not a.resume and a.name is not None and not a.name.strip(), "--name is empty"),
+        (not a.resume and os.path.exists(a.out) and not os.path.isdir(a.out),
+         f"--out {a.out} is a file, not a folder for runs: pick another --out"),
+        (not data_exists(a.data), f"--data {a.data}: no such folder or shard (shards: a list of .tar paths, a "
+                                  f"glob or a brace pattern such as 'data/{{00000..00099}}.tar')"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ValueError(message)
+
+
+def data_exists(spec):
+    """Cheap existence check of --data: the folder, or at least one shard the pattern names."""
+    if is_shards(spec):
+        return any(glob.glob(p) for p in data.expand_braces(spec))
+    return spec == "shapes" or os.path.exists(spec[len("cifar:"):] if spec.startswith("cifar:") else spec)
+
+
+def check_memory(cfg, a, world):
+    """On a CPU, refuse a model whose training states alone (20 B per parameter: fp32 weights,
+    gradients, two Adam moments and the EMA) exceed this machine's memory, before allocating
+    any of it: the latent presets are GPU models."""
+    if not a.device.startswith("cpu"):
+        return
+    states = 20 * nami.count_params(cfg) / (world if a.fsdp else 1)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if states > ram:
+        raise ValueError(f"--preset {a.preset} needs ~{states / 2 ** 30:.0f} GiB for its training states, and this "
+                         f"machine has {ram / 2 ** 30:.0f} GiB: train it on GPUs (--device cuda, --fsdp over more "
+                         f"ranks); --dry-run reports what it needs")
 
 
 def step_seed(*parts):
@@ -340,29 +380,64 @@ def step_seed(*parts):
     return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little") >> 2
 
 
-def build_config(a, base=None):
-    """The preset (or the config of --init-from's weights), with --set overrides (a:b:c = tuple,
-    true/false = bool) and the variants."""
+def parse_set(item):
+    """--set FIELD=VALUE -> (field, value of the field's type: a:b:c = tuple, true/false = bool)."""
     default = nami.Config()
-    kw = dict(VARIANTS[a.variant])
-    for item in a.set:
-        key, _, value = item.partition("=")
-        if not hasattr(default, key) or key in ("K", "depth"):
-            raise ValueError(f"--set {item}: no Config field {key!r}; fields: "
-                             f"{', '.join(f.name for f in fields(nami.Config))}")
-        kind = type(getattr(default, key))
-        kw[key] = (tuple((float if "." in v else int)(v) for v in value.split(":")) if kind is tuple else
-                   value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-    if base is not None:
-        return replace(base, **kw).check()
-    return nami.preset(a.preset, **kw)
+    key, _, value = item.partition("=")
+    if not hasattr(default, key) or key in ("K", "depth"):
+        raise ValueError(f"--set {item}: no Config field {key!r}; fields: "
+                         f"{', '.join(f.name for f in fields(nami.Config))}")
+    kind = type(getattr(default, key))
+    try:
+        if kind is bool and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError
+        v = (tuple((float if "." in x else int)(x) for x in value.split(":")) if kind is tuple else
+             value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    except ValueError:
+        example = {tuple: "a:b:c", bool: "true or false", float: "a number"}.get(kind, "an int")
+        raise ValueError(f"--set {item}: {key} takes {example}") from None
+    return key, runs.check_field(key, v, f"--set {item}")
+
+
+def build_config(a, base=None):
+    """The preset (or `base`, the config of --init-from's weights) with the variant and --set overrides."""
+    kw = dict(VARIANTS[a.variant]) if base is None else {}
+    kw.update(parse_set(item) for item in a.set)
+    return dataclasses.replace(base, **kw).check() if base is not None else nami.preset(a.preset, **kw)
+
+
+def model_config(a, given, meta, init=None):
+    """The model Config: a new run's from its flags; a resumed run's from its config.json. Flags
+    typed on --resume may not change that model (the weights have its shapes), only where its
+    frozen encoders load from."""
+    if meta is None:
+        return build_config(a, init.cfg if init is not None else None)
+    cfg = runs.config_from_json(meta["model"], os.path.join(a.resume, "config.json"))
+    refuse = lambda flag, saved: ValueError(
+        f"--resume {a.resume}: {flag} cannot change a saved model (config.json has {saved}); drop the flag, "
+        f"or start a new run with --name")
+    if "preset" in given and given["preset"] != meta.get("preset"):
+        raise refuse(f"--preset {given['preset']}", f"preset {meta.get('preset')}")
+    if "variant" in given and given["variant"] != meta.get("args", {}).get("variant", "nami"):
+        raise refuse(f"--variant {given['variant']}", f"variant {meta.get('args', {}).get('variant', 'nami')}")
+    changes = {}
+    for item in given.get("set", []):
+        key, value = parse_set(item)
+        if key in ENCODERS:
+            changes[key] = value
+        elif value != getattr(cfg, key):
+            raise refuse(f"--set {item}", f"{key}={getattr(cfg, key)}")
+    return dataclasses.replace(cfg, **changes)
 
 
 def main(argv=None):
-    """The training loop, step by step: settle the flags, build, then train, save, sample."""
-    a, meta = settle_args(*parse_args(argv))
-    init = runs.load(a.init_from) if a.init_from and not a.resume else None
-    cfg = runs.config_from_json(meta["model"]) if meta else build_config(a, init[0].cfg if init else None)
+    """The run, step by step: settle and check the flags (nothing loaded yet), take the run
+    folder, then train, save, sample (`training`)."""
+    a, given = parse_args(argv)
+    a, meta = settle_args(a, given)
+    check_args(a, meta.get("step", 0) if meta else 0)
+    init = runs.load(a.init_from)[0] if a.init_from and not a.resume else None
+    cfg = model_config(a, given, meta, init)
     nami.parse_steps(a.sample_steps, cfg.K)               # bad --sample-steps or stage ratios fail
     stage_ratios(cfg, 0.0, a.phases)                      # fails now, not after training
     distributed = "RANK" in os.environ
@@ -371,37 +446,66 @@ def main(argv=None):
         return dry_run(cfg, a, a.ranks or world)
     if a.batch_size % (world * a.grad_accum):
         raise ValueError(f"--batch-size {a.batch_size} must divide by ranks x --grad-accum = {world * a.grad_accum}")
+    check_memory(cfg, a, world)
     if distributed:
         start_distributed(a)
-    master, dev = rank == 0, torch.device(a.device)
     run = a.resume or os.path.join(a.out, a.name or a.preset)
+    if a.resume and not os.path.isfile(os.path.join(runs.checkpoint_dir(run, meta), "state.pt")):
+        runs.load_checkpoint(run)                         # raises its "no state.pt" message, before any loading
+    lock = runs.claim(run, bool(a.resume), a.overwrite) if rank == 0 else None
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        training(a, given, cfg, meta, run, rank, world, distributed, init)
+    finally:
+        for s, h in handlers.items():                     # a caller (pytest) gets its Ctrl-C back
+            signal.signal(s, h)
+        if lock:
+            runs.release(lock)
+    if distributed:
+        dist.destroy_process_group()
+    return run
 
-    model, step_fn, opt, ema, resumed = build(cfg, a, run, distributed, init[0].state_dict() if init else None)
-    del init
+
+def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
+    """Encoders, data, model (restored on --resume, or from --init-from's weights `init`), the
+    training loop, the last save, samples."""
+    master, dev = rank == 0, torch.device(a.device)
+    # a run folder is untrusted input: the encoders its config.json names load only from disk,
+    # unless typed now (--set text_encoder=...)
+    typed = {parse_set(item)[0] for item in given.get("set", [])}
+    local_only = {getattr(cfg, f): f"pass --set {f}={getattr(cfg, f)} to allow fetching it from the hub, or "
+                                   f"--set {f}=FOLDER for a local copy"
+                  for f in ENCODERS if meta and f not in typed and getattr(cfg, f)}
     # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
-    enc, vae = data.load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0)
+    enc, vae = data.load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0,
+                                  local_only)
     if a.data == "shapes":                                # its whole grammar, once: ~2 s
         enc.warm([""] + shapes.all_captions())
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
+    st = runs.load_checkpoint(run, cfg.K) if a.resume else None
+    model, step_fn, opt, ema, resumed = build(cfg, a, st, distributed, run, init)
+    del st, init
     start, elapsed, loss_ema = resumed
-    meta = meta or {"preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
-                    "vae": cfg.vae, "args": vars(a),
-                    "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
+    # what config.json records: the flags this run trains with, typed now or carried over
+    meta = {**(meta or {}), "preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
+            "vae": cfg.vae, "args": {k: v for k, v in vars(a).items() if k not in TRANSIENT},
+            "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
+    logf = runs.open_log(run, start) if master else None
     if master:
-        os.makedirs(run, exist_ok=True)
         print(f"run {run}: {nami.count_params(cfg) / 1e6:.2f}M parameters, stages "
               f"{[cfg.stage_resolution(k) for k in range(1, cfg.K + 1)]}, layers {cfg.stage_layers}, "
-              f"{world} rank(s), batch {a.batch_size}, {a.dtype}")
+              f"{world} rank(s), batch {a.batch_size}, {a.dtype}" + (f", from step {start}" if start else ""))
 
-    stop = {"now": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))   # Ctrl-C: finish the step, save
+    stop = {"signal": None}
+    for s in (signal.SIGINT, signal.SIGTERM):             # Ctrl-C, and what schedulers and docker stop
+        signal.signal(s, lambda num, _: stop.update(signal=num))   # send: finish the step, save
     budget = 60 * a.minutes if a.minutes else None
     total = a.steps if budget is None else 1 << 62
     t0 = time.time() - elapsed                            # a resumed time budget goes on where it stopped
-    t_start, seen, logf = time.time(), 0, open(os.path.join(run, "log.jsonl"), "a") if master else None
+    t_start, seen, saved = time.time(), 0, start if a.resume else None
     bar = tqdm(total=None if budget else total, initial=start, disable=not master, dynamic_ncols=True)
     step = start
-    while step < total and not stop["now"] and step != a.stop_at:
+    while step < total and not stop["signal"] and step != a.stop_at:
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
@@ -412,7 +516,9 @@ def main(argv=None):
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
         stage_sum, stage_n = accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, cfg.K,
                                                   rank, world, distributed)
-        grad_norm = optimizer_step(model, opt, ema, a.ema, step)
+        grad_norm = clip_gradients(model)
+        check_finite(stage_sum, grad_norm, step, a, run, saved)
+        optimizer_step(model, opt, ema, a.ema, step)
         update_loss_ema(loss_ema, stage_sum, stage_n, step)
         step += 1
         seen += a.batch_size
@@ -426,27 +532,33 @@ def main(argv=None):
                                        "elapsed_s": round(time.time() - t0, 1)}) + "\n")
                 logf.flush()
         if step % a.save_every == 0:
-            full = full_state(model, opt, ema, a.fsdp)
+            full = runs.full_state(model, opt, ema, a.fsdp)
             if master:
                 runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, *full)
+            saved = step
     bar.close()
-    if master and SKIPPED["n"]:
-        print(f"skipped {SKIPPED['n']} unreadable image(s) (corrupt or too small); training went on without them")
-
-    finished = not stop["now"] and step != a.stop_at
-    model_sd, optim_sd, ema_sd = full_state(model, opt, ema, a.fsdp)
     if master:
-        if finished and a.transition == "bridge":
+        logf.close()
+        if SKIPPED["n"]:
+            print(f"skipped {SKIPPED['n']} unusable image(s) (corrupt, too small or too large); training went on "
+                  f"without them")
+
+    finished = not stop["signal"] and step != a.stop_at
+    bridge = finished and a.transition == "bridge"
+    model_sd, optim_sd, ema_sd = runs.full_state(model, opt, ema, a.fsdp)
+    if master:
+        if bridge:
             fit_bridge(ema_sd, get_batch, cfg, a, enc, vae, step)
-        runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
-        print(f"{'finished' if finished else 'stopped'} at step {step} after {(time.time() - t0) / 60:.1f} min; "
-              f"saved {run}" + ("" if finished else f" (continue with: python train.py --resume {run})"))
+        # not the same checkpoint twice, but a resumed run that trained no step records its new flags
+        if saved != step or bridge or step == start:
+            runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
+        how = "" if finished else f" (continue with: python train.py --resume {run})"
+        by = f" by {signal.Signals(stop['signal']).name}" if stop["signal"] else ""
+        print(f"{'finished' if finished else 'stopped' + by} at step {step} after {(time.time() - t0) / 60:.1f} min; "
+              f"saved {run}{how}")
         if finished:
             plot_losses(run)
             sample_grid(cfg, ema_sd, a, enc, vae, run)
-    if distributed:
-        dist.destroy_process_group()
-    return run
 
 
 def start_distributed(a):
@@ -457,27 +569,33 @@ def start_distributed(a):
         torch.cuda.set_device(a.device)
 
 
-def build(cfg, a, run, distributed, init=None):
+def build(cfg, a, st, distributed, run, init=None):
     """Model, the module a step calls (plain / DDP / FSDP2), AdamW and the EMA weights, restored
-    from the run's state.pt on --resume or started from the weights `init` (--init-from).
+    from the run's state.pt `st` on --resume or started from the model `init` (--init-from).
     Returns them and (start step, elapsed s, loss EMA)."""
     dev = torch.device(a.device)
     torch.manual_seed(a.seed)                             # same initial weights on every rank
     model = nami.NAMI(cfg).to(dev)
     model.bridge.requires_grad_(False)                    # fitted by least squares, not by gradients
     model.grad_checkpointing = a.checkpointing
+    path = os.path.join(runs.checkpoint_dir(run), "state.pt")
+    if st:
+        runs.load_weights(model, st["model"], path)       # full weights, before any sharding
+    elif init is not None:
+        model.load_state_dict(init.state_dict())
     if a.compile:
         nami.compile_stages(model)
-    st = runs.load_checkpoint(run) if a.resume else None
-    if st or init:
-        model.load_state_dict(st["model"] if st else init)   # full weights, before any sharding
-    step_fn = wrap(model, a, distributed)
+    step_fn = runs.wrap(model, a.fsdp, distributed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),
                             weight_decay=0.0, fused=not a.fsdp)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}   # sharded like the model
     resumed = (0, 0.0, [1.0] * cfg.K)
     if st:
-        load_state(model, opt, ema, st, a.fsdp)
+        try:
+            runs.load_state(model, opt, ema, st, a.fsdp)
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
+            raise ValueError(f"{path}: its optimizer state or EMA weights do not fit the model "
+                             f"({type(e).__name__}: {str(e).strip()[:200]}); the file is damaged or from another run") from None
         resumed = (int(st["step"]), float(st["elapsed_s"]), st["loss_ema"].tolist())
     return model, step_fn, opt, ema, resumed
 
@@ -513,17 +631,34 @@ def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, r
     return stage_sum, stage_n
 
 
-def optimizer_step(model, opt, ema, ema_decay, step):
-    """Clip, step AdamW, update the EMA weights (warmed up over early steps). Returns the grad norm."""
+def clip_gradients(model):
+    """Clip the gradient norm to 1; returns the norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+
+def check_finite(stage_sum, grad_norm, step, a, run, saved):
+    """A non-finite loss or gradient stops the run before the optimizer step, so neither the
+    weights nor the checkpoint on disk ever hold it (every rank sees the same reduced values)."""
+    if math.isfinite(grad_norm) and bool(torch.isfinite(stage_sum).all()):
+        return
+    lower = min(a.lr / 10, nami.TRAIN.get(a.preset, {}).get("lr", a.lr / 10))
+    again = (f"{run} keeps its checkpoint of step {saved}: continue with python train.py --resume {run} --lr {lower:g}"
+             if saved is not None else f"nothing was saved: run the same command with --lr {lower:g}")
+    raise FloatingPointError(f"step {step + 1}: the loss or its gradient is not finite (grad norm {grad_norm}); "
+                             f"training stopped before the optimizer step, so it reached neither the weights nor "
+                             f"the disk. {again}. A lower --lr (now {a.lr:g}) or a longer --warmup (now {a.warmup})"
+                             + (" or --dtype fp32" if a.dtype == "bf16" else "") + " usually cures it")
+
+
+def optimizer_step(model, opt, ema, ema_decay, step):
+    """Step AdamW, update the EMA weights (warmed up over early steps)."""
     opt.step()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         decay = min(ema_decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             ema[k].lerp_(v.float(), 1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
-    return grad_norm
 
 
 def update_loss_ema(loss_ema, stage_sum, stage_n, step):
@@ -605,4 +740,4 @@ def plot_losses(run):
 
 
 if __name__ == "__main__":
-    main()
+    runs.cli(main)

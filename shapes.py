@@ -184,6 +184,28 @@ def mirrored(caption, objects):
     return caption.replace(f" {relation} ", f" {OPPOSITE[relation]} "), twin
 
 
+def options(spec):
+    """make_batch's options from a --data spec: "shapes", or "shapes:" followed by
+    comma-separated "mirror" and "forms=a:b:c:d" (weights of FORMS), e.g. "shapes:mirror"."""
+    name, _, rest = spec.partition(":")
+    if name != "shapes":
+        raise ValueError(f"{spec!r} is not a shapes-world spec")
+    out = {}
+    for opt in filter(None, rest.split(",")):
+        key, _, value = opt.partition("=")
+        try:
+            if key == "mirror" and not value:
+                out["mirror"] = True
+            elif key == "forms" and len(value.split(":")) == len(FORMS):
+                out["forms"] = tuple(float(v) for v in value.split(":"))
+                assert all(v >= 0 for v in out["forms"]) and sum(out["forms"]) > 0
+            else:
+                raise ValueError
+        except (ValueError, AssertionError):
+            raise ValueError(f"--data {spec}: options are 'mirror' and 'forms=a:b:c:d' (weights of {', '.join(FORMS)})") from None
+    return out
+
+
 def make_batch(n, seed, index=0, forms=None, mirror=False):
     """(n, 32, 32, 3) uint8 images and their captions; a pure function of (seed, index), so the
     training loop can pass index=step and a resumed run sees exactly the same batches.

@@ -33,7 +33,7 @@ import shapes
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MINI = ["--set", "width=32", "--set", "heads=2", "--batch-size", "8", "--dtype", "fp32", "--workers", "0",
+MINI = ["--set", "width=32", "--set", "heads=2", "--batch-size", "8", "--dtype", "fp32", "--workers", "0", "--no-compile",
         "--log-every", "1", "--sample-steps", "1,1,1", "--warmup", "2"]
 
 

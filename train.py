@@ -104,12 +104,13 @@ def open_data(spec, cfg, batch, seed, rank, world, workers, vae=None, device="cp
             x = data.encode_latents(vae, x, native_px)
         return x, captions, None if native_px is None else stage_of(native_px)
 
-    if spec == "shapes":
+    if is_shapes(spec):
         if (cfg.channels, cfg.resolution) != (3, 32):
             raise ValueError("the shapes world is 32x32 RGB: use a pixel-space preset (tiny, cifar)")
+        opts = shapes.options(spec)
 
         def get(step):
-            images, captions = shapes.make_batch(batch, seed, step)
+            images, captions = shapes.make_batch(batch, seed, step, **opts)
             return model_space(data.to_tensor(images[rank::world]), captions[rank::world], None)
         return get
     if is_shards(spec):                                   # a stream, resumed at its batch (data.WebStream)
@@ -213,7 +214,8 @@ def dry_run(cfg, a, ranks):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(nami.PRESETS))
-    p.add_argument("--data", default="shapes", help="shapes | cifar:PATH | imagefolder PATH | latents PATH | 'shards/{0000..0099}.tar'")
+    p.add_argument("--data", default="shapes", help="shapes[:mirror,forms=a:b:c:d] | cifar:PATH | an imagefolder or "
+                   "latent folder | 'shards/{0000..0099}.tar'")
     p.add_argument("--steps", type=int)
     p.add_argument("--minutes", type=float, help="train for this wall-clock budget instead of --steps (ablations)")
     p.add_argument("--batch-size", type=int, help="global batch, over all ranks and accumulation")
@@ -358,7 +360,14 @@ def data_exists(spec):
     """Cheap existence check of --data: the folder, or at least one shard the pattern names."""
     if is_shards(spec):
         return any(glob.glob(p) for p in data.expand_braces(spec))
-    return spec == "shapes" or os.path.exists(spec[len("cifar:"):] if spec.startswith("cifar:") else spec)
+    if is_shapes(spec):
+        shapes.options(spec)                              # a bad option raises its own message
+        return True
+    return os.path.exists(spec[len("cifar:"):] if spec.startswith("cifar:") else spec)
+
+
+def is_shapes(spec):
+    return spec.split(":")[0] == "shapes"
 
 
 def check_memory(cfg, a, world):
@@ -477,9 +486,9 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
                                    f"--set {f}=FOLDER for a local copy"
                   for f in ENCODERS if meta and f not in typed and getattr(cfg, f)}
     # finite caption sets (shapes: ~2k, CIFAR: 10) are worth caching; open-ended ones are not
-    enc, vae = data.load_encoders(cfg, a.device, 100_000 if a.data == "shapes" or a.data.startswith("cifar:") else 0,
+    enc, vae = data.load_encoders(cfg, a.device, 100_000 if is_shapes(a.data) or a.data.startswith("cifar:") else 0,
                                   local_only)
-    if a.data == "shapes":                                # its whole grammar, once: ~2 s
+    if is_shapes(a.data):                                 # its whole grammar, once: ~2 s
         enc.warm([""] + shapes.all_captions())
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
     st = runs.load_checkpoint(run, cfg.K) if a.resume else None
@@ -697,7 +706,7 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
 def sample_grid(cfg, ema, a, enc, vae, run):
     """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
     m = runs.model_from_state(cfg, ema, a.device)
-    prompts = shapes.PREVIEW_PROMPTS if a.data == "shapes" else ["a photo"] * 8
+    prompts = shapes.PREVIEW_PROMPTS if is_shapes(a.data) else ["a photo"] * 8
     steps = nami.parse_steps(a.sample_steps, cfg.K)
     images, ends = runs.generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
                                  a.transition, "nami", 64, vae, a.dtype)

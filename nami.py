@@ -1093,11 +1093,13 @@ def sampling_flops(cfg, steps, variant="nami", resolution=None, cfg_scale=1.0, t
 
 
 if __name__ == "__main__":
-    print(f"{'preset':>6} {'params':>8} {'stages (res)':>18} {'layers':>9} {'NAMI/base FLOPs':>16}")
+    # The README's preset table. px: pixels (the latent presets' cells x 8, the FLUX VAE's factor).
+    print(f"{'preset':<7}{'params':>9}  {'image (px)':<17}{'stages (px)':<18}{'layers':<14}{'double+single':<15}"
+          f"{'NAMI/uniform FLOPs':>18}")
     for name in PRESETS:
-        cfg = preset(name)
-        res = "/".join(str(cfg.stage_resolution(k)) for k in range(1, cfg.K + 1))
-        steps = tuple([10] * cfg.K)
-        ratio = sampling_flops(cfg, steps) / sampling_flops(cfg, 30, "baseline")
-        print(f"{name:>6} {count_params(cfg) / 1e6:7.1f}M {res:>18} "
-              f"{':'.join(map(str, cfg.stage_layers)):>9} {ratio:16.3f}")
+        cfg, f = preset(name), 8 if PRESETS[name].get("vae") else 1
+        stages = " / ".join(str(cfg.stage_resolution(k) * f) for k in range(1, cfg.K + 1))
+        ratio = sampling_flops(cfg, (10,) * cfg.K, cfg_scale=3.0) / sampling_flops(cfg, 30, "baseline", cfg_scale=3.0)
+        print(f"{name:<7}{count_params(cfg) / 1e6:>8.1f}M  {f'{cfg.resolution * f}, patch {cfg.patch * f}':<17}{stages:<18}"
+              f"{f'{cfg.depth} ({cfg.stage_layers[0]}:{cfg.stage_layers[1]}:{cfg.stage_layers[2]})':<14}"
+              f"{f'{cfg.double} + {cfg.depth - cfg.double}':<15}{ratio:>18.2f}")

@@ -38,6 +38,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import data
 import nami
@@ -515,6 +516,28 @@ def to_images(x, vae, size):
     return data.to_uint8(img)
 
 
+def window_labels(cfg, resolution=None, factor=1, variant="nami"):
+    """Column labels of a coarse-to-fine strip: each window's image size and noise range."""
+    return [f"{cfg.stage_resolution(w.stage, resolution) * factor}px s{w.s:.2f}-{w.e:.2f}"
+            for w in nami.plan(cfg, variant)]
+
+
+def sample_sheet(images, prompts, n):
+    """One row per prompt, its n images across, the prompts down the side."""
+    scale = max(1, 128 // images.shape[1])
+    return data.label(data.grid(images, n, scale), rows=prompts, row_height=images.shape[1] * scale + scale)
+
+
+def stage_sheet(ends, prompts, cfg, factor=1, resolution=None, variant="nami"):
+    """The coarse-to-fine picture: one row per image (its prompt at the side), each window's
+    end point across (upsampled), with the window's size and noise range on top."""
+    strip = np.stack(ends, 1)                             # (N, K, S, S, 3)
+    scale = max(1, 128 // strip.shape[2])
+    cell = strip.shape[2] * scale + scale
+    return data.label(data.grid(strip.reshape(-1, *strip.shape[2:]), strip.shape[1], scale),
+                      cols=window_labels(cfg, resolution, factor, variant), col_width=cell, rows=prompts, row_height=cell)
+
+
 @torch.no_grad()
 def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="renoise", variant="nami",
              batch_size=64, vae=None, dtype="fp32", resolution=None, negative=""):
@@ -525,7 +548,8 @@ def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="reno
     R = resolution or cfg.resolution
     size = R * (vae.factor if vae is not None else 1)
     out, ends = [], None
-    for i in range(0, len(prompts), batch_size):
+    batches = range(0, len(prompts), batch_size)
+    for i in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 3, leave=False):
         chunk = prompts[i: i + batch_size]
         text, uncond = data.encode_text(enc, chunk, dev), data.encode_text(enc, [negative] * len(chunk), dev)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dtype == "bf16"):
@@ -701,7 +725,7 @@ def load_pretrained(folder, device="cpu", dtype=None):
     missing, _ = model.load_state_dict(state, strict=False)   # flux_to_nami checked every key but the bridge's
     assert all(k.startswith("bridge.") for k in missing), missing
     meta = {"preset": "release" if os.path.isfile(bin_file) else "flux", "model": asdict(cfg), "source": folder,
-            "sample": sampling}
+            "sample": {**sampling, "bridge_fitted": bridge is not None}}
     return model.to(device, dtype).eval(), meta
 
 

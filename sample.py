@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -157,8 +158,10 @@ def main(argv=None):
     p.add_argument("--transition", choices=["renoise", "bridge"], default=None)
     p.add_argument("--variant", choices=["nami", "piecewise", "baseline"], default="nami")
     p.add_argument("--res", type=int, default=None, help="final resolution in model cells (default: the model's)")
-    p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image + grid.png")
-    p.add_argument("--stages", action="store_true", help="add each window's end point, upsampled (coarse to fine)")
+    p.add_argument("--out", help="a .png grid, or a folder for one PNG per image + grid.png (default: RUN/sampled.png, "
+                   "or samples.png with --random-weights); the prompts go to GRID.txt")
+    p.add_argument("--stages", action="store_true", help="also write GRID.stages.png: each window's end point, "
+                   "upsampled (coarse to fine), labelled with its size and noise range")
     p.add_argument("--eval", action="store_true", help="score the shapes-world evaluation prompts, print JSON")
     p.add_argument("--stage-check", action="store_true",
                    help="shapes world: single-object accuracy when sampling starts in window k from real "
@@ -170,6 +173,10 @@ def main(argv=None):
     p.add_argument("--text-encoder", help="override the text encoder folder / hub id")
     p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
     a = p.parse_args(argv)
+    if a.convert and a.out is None:
+        raise ValueError(f"--convert {a.convert}: name the run folder to write with --out RUN")
+    if a.out is None:                                     # samples of a run go into its folder
+        a.out = os.path.join(a.ckpt, "sampled.png") if a.ckpt else "samples.png"
     check_args(a)
     if a.convert:
         out = runs.convert(a.convert, a.out)
@@ -210,6 +217,9 @@ def main(argv=None):
     steps = nami.parse_steps(a.sample_steps or meta.get("sample", {}).get("steps") or "10",
                              1 if a.variant == "baseline" else cfg.K)
     cfg_scale, transition = run_sampling_defaults(a, meta)
+    if transition == "bridge" and cfg.bridge == "linear" and not meta.get("sample", {}).get("bridge_fitted"):
+        print(f"note: this run's BridgeFlow was never fitted, and unfitted it equals renoise; fit it with "
+              f"python train.py --resume {a.ckpt} --transition bridge", file=sys.stderr)
     if a.res is not None:
         try:
             cfg.check(a.res)
@@ -248,18 +258,16 @@ def main(argv=None):
     prompts = [q for q in prompts for _ in range(a.n)]
     images, ends = runs.generate(model, enc, prompts, steps, cfg_scale, a.seed, transition, a.variant,
                                  a.batch_size, vae, a.dtype, a.res, a.negative_prompt)
-    scale = max(1, 128 // images.shape[1])
-    if a.stages:                                          # per image: window ends, then a gap
-        cells = np.stack(ends, 1)                         # (N, K, S, S, 3)
-        sheet, ncol = cells.reshape(-1, *cells.shape[2:]), cells.shape[1]
-    else:
-        sheet, ncol = images, a.n
     written = []
     if not a.out.lower().endswith(".png"):                # folder mode: one PNG per image, then the grid
         for i, im in enumerate(images):
             data.save_png(im, os.path.join(a.out, f"{i:04d}.png"))
             written.append(os.path.join(a.out, f"{i:04d}.png"))
-    data.save_png(data.grid(sheet, ncol, scale), grid_path)
+    if a.stages:
+        factor = vae.factor if vae is not None else 1
+        data.save_png(runs.stage_sheet(ends, prompts, cfg, factor, a.res, a.variant), grid_path[:-4] + ".stages.png")
+        written.append(grid_path[:-4] + ".stages.png")
+    data.save_png(runs.sample_sheet(images, prompts[:: a.n], a.n), grid_path)
     written.append(grid_path)
     rows = "\n".join(prompts[:: a.n]) + "\n"              # the grid's rows, top to bottom
     data.atomic(list_path, lambda tmp: open(tmp, "w", encoding="utf-8").write(rows))

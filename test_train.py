@@ -153,7 +153,10 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
     out = tmp_path / "imgs"
     sample.main(["--ckpt", trained[0], "--prompts-file", str(prompts), "--out", str(out), "--sample-steps", "1,1,1", "--stages"])
     names = sorted(os.listdir(out))
-    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.png.txt"]
+    assert names == ["0000.png", "0001.png", "0002.png", "grid.png", "grid.png.txt", "grid.stages.png"]
+    # the stage sheet: one row per image, one column per window (128 px cells + gaps), labels around
+    sheet = np.asarray(Image.open(out / "grid.stages.png"))
+    assert sheet.shape[0] >= 3 * 128 and sheet.shape[1] >= 3 * 128 and (sheet[:12] < 128).any()
     assert Image.open(out / "0000.png").size == (32, 32)
     assert (out / "grid.png.txt").read_text().splitlines() == prompts.read_text().splitlines()
     # --out X.png never touches an X.txt of the user's (here: the prompts file itself)
@@ -232,8 +235,11 @@ def test_image_folder_with_a_corrupt_image_trains(tmp_path, capsys):
 def test_dry_run_reports_2b(capsys):
     train.main(["--preset", "2b", "--dry-run", "--batch-size", "8", "--ranks", "8", "--fsdp", "--checkpointing"])
     out = capsys.readouterr().out
-    assert "params: 2.12B" in out
-    assert out.count("GFLOP forward") == 3 and "memory per GPU" in out and "-59." in out
+    assert "params: 2.12B" in out and out.count("per training image") == 3 and "memory per GPU" in out
+    assert "-59.6%" in out and "GPU-hours" in out
+    # the whole schedule: 250k steps x 8 images at the paper's phases, 3x forward FLOPs per image
+    train.main(["--dry-run"])                                 # tiny: small numbers in small units
+    assert "0.0 GFLOP" not in capsys.readouterr().out
 
 
 def test_learning_rate_and_phase_schedule(trained, tmp_path):

@@ -183,21 +183,49 @@ def _unpack(items):
 # Built-in report: parameters, FLOPs per stage, memory per GPU (nami.memory_estimate).
 
 
+def flops_str(f):
+    """A FLOP count in the unit that keeps 1-4 digits before the point."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= scale:
+            return f"{f / scale:,.1f} {unit}"
+    return f"{f:,.0f} FLOP"
+
+
+# What a training step achieves, for the dry run's time estimates: measured with bench.py
+# --train (tiny, compiled, 2 CPU cores, 2026-12-01: 73-77 GFLOP/s), and 40% of the bf16 matrix
+# rate of one H100/H200 (790 TFLOP/s measured on an H200) for the latent presets: an assumption.
+RATES = {"cpu": (75e9, "this project's 2-core CPU, compiled (bench.py --train)"),
+         "gpu": (0.4 * 790e12, "one H100/H200 at 40% of 790 TFLOP/s bf16 (assumed)")}
+
+
 def dry_run(cfg, a, ranks):
     P = nami.count_params(cfg)
+    factor = 8 if cfg.vae else 1
     print(f"params: {P / 1e9:.2f}B" if P > 1e9 else f"params: {P / 1e6:.2f}M")
     print(f"stages: {cfg.K}, layers {':'.join(map(str, cfg.stage_layers))} of {cfg.depth} "
-          f"({cfg.double} double-stream first), windows {[(round(s, 3), round(e, 3)) for s, e in nami.window_bounds(cfg.windows)]}")
+          f"({cfg.double} double-stream first), windows {[(round(s, 3), round(e, 3)) for s, e in cfg.bounds()]}")
+    per_stage = []
     for k in range(1, cfg.K + 1):
-        r = cfg.stage_resolution(k)
-        f = nami.forward_flops(cfg, (r // cfg.patch) ** 2, cfg.stage_depth(k))
-        print(f"  stage {k}: {r}x{r} cells, {(r // cfg.patch) ** 2} image tokens, {cfg.stage_depth(k)} blocks: "
-              f"{f / 1e9:,.1f} GFLOP forward, {3 * f / 1e9:,.1f} GFLOP train step per image")
+        r, merged = cfg.stage_resolution(k), math.prod(cfg.patch_factors(k))
+        tokens = (r // cfg.patch) ** 2 // merged
+        f = nami.forward_flops(cfg, tokens, cfg.stage_depth(k), merged=merged)
+        per_stage.append(3 * f)
+        print(f"  stage {k}: {r * factor}x{r * factor} px ({r}x{r} cells), {tokens} image + {cfg.text_len} text tokens, "
+              f"{cfg.stage_depth(k)} blocks: {flops_str(f)} forward, {flops_str(3 * f)} per training image")
     steps = nami.parse_steps(a.sample_steps, cfg.K)
     nf = nami.sampling_flops(cfg, steps, cfg_scale=a.cfg)
     bf = nami.sampling_flops(cfg, sum(steps), "baseline", cfg_scale=a.cfg)
-    print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {nf / 1e12:.2f} TFLOP vs uniform baseline "
-          f"{bf / 1e12:.2f} TFLOP per image (-{100 * (1 - nf / bf):.1f}%)")
+    print(f"sampling {sum(steps)} steps (cfg {a.cfg}): NAMI {flops_str(nf)} vs uniform baseline "
+          f"{flops_str(bf)} per image (-{100 * (1 - nf / bf):.1f}%)")
+    if a.steps:                                           # the whole schedule: phases at their stage mix
+        grid = [(i + 0.5) / 100 for i in range(100)]
+        mix = [stage_ratios(cfg, p, a.phases) for p in grid]
+        per_image = sum(sum(r * f for r, f in zip(ratios, per_stage)) / sum(ratios) for ratios in mix) / len(grid)
+        total = a.steps * a.batch_size * per_image
+        rate, where = RATES["gpu" if cfg.vae else "cpu"]
+        hours = total / rate / 3600
+        print(f"training {a.steps:,} steps of batch {a.batch_size}: {flops_str(total)}, about "
+              f"{hours:,.1f} {'GPU-hours' if cfg.vae else 'hours'} on {where}")
     micro = max(1, a.batch_size // (ranks * a.grad_accum))
     states, acts = nami.memory_estimate(cfg, micro, ranks, a.checkpointing, a.fsdp)
     print(f"memory per GPU (estimate, {ranks} rank(s), micro-batch {micro}, "
@@ -498,12 +526,22 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     # what config.json records: the flags this run trains with, typed now or carried over
     meta = {**(meta or {}), "preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
             "vae": cfg.vae, "args": {k: v for k, v in vars(a).items() if k not in TRANSIENT},
-            "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition}}
+            "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition,
+                       "bridge_fitted": (meta or {}).get("sample", {}).get("bridge_fitted", cfg.bridge == "scale-shift"
+                                                                           and init is not None)}}
     logf = runs.open_log(run, start) if master else None
     if master:
         print(f"run {run}: {nami.count_params(cfg) / 1e6:.2f}M parameters, stages "
               f"{[cfg.stage_resolution(k) for k in range(1, cfg.K + 1)]}, layers {cfg.stage_layers}, "
-              f"{world} rank(s), batch {a.batch_size}, {a.dtype}" + (f", from step {start}" if start else ""))
+              f"{world} rank(s), batch {a.batch_size}, {a.dtype}{', compiled' if a.compile else ''}"
+              + (f", from step {start}" if start else ""))
+        print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
+              + ("; the first steps include compiling (~2-3 min on 2 CPU cores)" if a.compile else ""))
+        old_steps = (meta or {}).get("args", {}).get("steps") if start else None
+        if old_steps and a.steps and old_steps != a.steps and not a.minutes:
+            lr_at = lambda n: learning_rate(a.lr, start, start / n, a.warmup, a.phases)
+            print(f"--steps {a.steps}: the schedule now spans {a.steps} steps, so at step {start} the lr is "
+                  f"{lr_at(a.steps):.2e} (it was {lr_at(old_steps):.2e} of the {old_steps}-step schedule)")
 
     stop = {"signal": None}
     for s in (signal.SIGINT, signal.SIGTERM):             # Ctrl-C, and what schedulers and docker stop
@@ -512,7 +550,9 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     total = a.steps if budget is None else 1 << 62
     t0 = time.time() - elapsed                            # a resumed time budget goes on where it stopped
     t_start, seen, saved = time.time(), 0, start if a.resume else None
-    bar = tqdm(total=None if budget else total, initial=start, disable=not master, dynamic_ncols=True)
+    # a time budget's bar counts seconds of it, a step count's steps
+    bar = tqdm(total=int(budget) if budget else total, initial=int(elapsed) if budget else start,
+               unit="s" if budget else "it", disable=not master, dynamic_ncols=True)
     step = start
     while step < total and not stop["signal"] and step != a.stop_at:
         progress = (time.time() - t0) / budget if budget else step / total
@@ -533,8 +573,9 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
         seen += a.batch_size
         if master:
             ips = seen / (time.time() - t_start)
-            bar.update(1)
-            bar.set_postfix({**{f"L{k + 1}": f"{loss_ema[k]:.3f}" for k in range(cfg.K)}, "img/s": f"{ips:.0f}"})
+            bar.update(min(int(time.time() - t0), int(budget)) - bar.n if budget else 1)
+            bar.set_postfix({**({"step": step} if budget else {}),
+                             **{f"L{k + 1}": f"{loss_ema[k]:.3f}" for k in range(cfg.K)}, "img/s": f"{ips:.0f}"})
             if step % a.log_every == 0:
                 logf.write(json.dumps({"step": step, "lr": lr, "ratios": ratios, "weights": weights,
                                        "stage_loss": loss_ema, "grad_norm": grad_norm, "img_per_s": round(ips, 1),
@@ -558,6 +599,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     if master:
         if bridge:
             fit_bridge(ema_sd, get_batch, cfg, a, enc, vae, step)
+            meta["sample"]["bridge_fitted"] = True
         # not the same checkpoint twice, but a resumed run that trained no step records its new flags
         if saved != step or bridge or step == start:
             runs.save_checkpoint(run, meta, step, time.time() - t0, loss_ema, model_sd, optim_sd, ema_sd)
@@ -567,7 +609,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               f"saved {run}{how}")
         if finished:
             plot_losses(run)
-            sample_grid(cfg, ema_sd, a, enc, vae, run)
+            sample_grid(cfg, ema_sd, a, enc, vae, run, get_batch)
 
 
 def start_distributed(a):
@@ -703,17 +745,18 @@ def fit_bridge(ema, get_batch, cfg, a, enc, vae, step, batches=8):
             ema[k].copy_(v)
 
 
-def sample_grid(cfg, ema, a, enc, vae, run):
-    """The end-of-run picture: samples.png (4 per prompt) and stages.png (each window's end)."""
+def sample_grid(cfg, ema, a, enc, vae, run, get_batch):
+    """The end-of-run pictures, labelled: samples.png (4 per prompt) and stages.png (each
+    window's end point for one sample per prompt). Prompts: the shapes world's preview set, or
+    the first distinct captions of the run's own data."""
     m = runs.model_from_state(cfg, ema, a.device)
-    prompts = shapes.PREVIEW_PROMPTS if is_shapes(a.data) else ["a photo"] * 8
+    prompts = shapes.PREVIEW_PROMPTS if is_shapes(a.data) else list(dict.fromkeys(get_batch(0)[1]))[:8]
     steps = nami.parse_steps(a.sample_steps, cfg.K)
     images, ends = runs.generate(m, enc, [q for q in prompts for _ in range(4)], steps, a.cfg, a.seed,
                                  a.transition, "nami", 64, vae, a.dtype)
-    scale = max(1, 96 // images.shape[1])
-    data.save_png(data.grid(images, 4, scale), os.path.join(run, "samples.png"))
-    strip = np.stack([e[::4] for e in ends], 1)           # first sample of each prompt, per window
-    data.save_png(data.grid(strip.reshape(-1, *strip.shape[2:]), cfg.K, scale), os.path.join(run, "stages.png"))
+    factor = vae.factor if vae is not None else 1
+    data.save_png(runs.sample_sheet(images, prompts, 4), os.path.join(run, "samples.png"))
+    data.save_png(runs.stage_sheet([e[::4] for e in ends], prompts, cfg, factor), os.path.join(run, "stages.png"))
     for name in ("samples", "stages"):
         with open(os.path.join(run, f"{name}.txt"), "w") as f:
             f.write("\n".join(prompts) + "\n")

@@ -37,27 +37,35 @@ import shapes
 
 @torch.no_grad()
 def stage_check(model, enc, steps, cfg_scale=1.0, seed=0, n=120, transition="renoise"):
-    """Which stage loses accuracy? Single-object accuracy per shape when sampling starts in
-    window k (k = 1..K) from real shapes-world renders noised to that window's start, the
-    state stage k trains from: (1-s_k) Up(Down(x_k)) + s_k noise. Window 1 is the plain
-    sampler; a drop from window k+1 to window k means stage k does not settle what it should."""
+    """Which stage loses accuracy? When sampling starts in window k (k = 1..K) from real
+    shapes-world renders noised to that window's start, the state stage k trains from,
+    (1-s_k) Up(Down(x_k)) + s_k noise: single-object accuracy per shape, and for position
+    scenes the accuracy and the direction (of the images with the right objects on the
+    right axis, the fraction in the asked order). Window 1 is the plain sampler; a drop from
+    window k+1 to window k means stage k does not settle what it should."""
     cfg, dev = model.cfg, next(model.parameters()).device
     rng, g = np.random.default_rng(seed), torch.Generator(dev).manual_seed(seed)
-    captions, objects = zip(*(shapes.sample_scene(rng, "single") for _ in range(n)))
+    captions, objects = zip(*(shapes.sample_scene(rng, form) for form in ("single", "position") for _ in range(n)))
     x = data.to_tensor(np.stack([shapes.render(o) for o in objects])).to(dev)
-    text, uncond = data.encode_text(enc, captions, dev), data.encode_text(enc, [""] * n, dev)
+    text, uncond = data.encode_text(enc, captions, dev), data.encode_text(enc, [""] * len(captions), dev)
     result = {}
-    for k, (s, e) in enumerate(nami.window_bounds(cfg.windows), 1):
-        xk = nami.down(x, 2 ** (cfg.K - k))                                   # (n, 3, R_k, R_k)
+    for k, (s, e) in enumerate(cfg.bounds(), 1):
+        xk = nami.down(x, 2 ** (cfg.K - k))                                   # (2n, 3, R_k, R_k)
         noise = torch.randn(xk.shape, generator=g, device=dev)
-        start = nami.training_point(xk, noise, (s, e), torch.zeros(n, device=dev))[0]
+        start = nami.training_point(xk, noise, (s, e), torch.zeros(len(x), device=dev))[0]
         out, _ = nami.sample(model, text, uncond, steps[k - 1:], cfg_scale, transition, generator=g,
                              noise=start, first=k)
-        ok = {}
-        for caption, image in zip(captions, data.to_uint8(out)):
+        images, ok = data.to_uint8(out), {}
+        for caption, image in zip(captions[:n], images[:n]):
             ok.setdefault(caption.split()[-1], []).append(shapes.score(caption, image)["single"])
-        result[f"from_window_{k}"] = {**{sh: round(float(np.mean(ok.get(sh, [np.nan]))), 3) for sh in shapes.SHAPES},
-                                      "all": round(float(np.mean([v for vs in ok.values() for v in vs])), 3)}
+        order = [d for c, im in zip(captions[n:], images[n:]) if (d := shapes.direction(c, im)) is not None]
+        mean = lambda v: round(float(np.mean(v)), 3) if len(v) else None
+        result[f"from_window_{k}"] = {**{sh: mean(ok.get(sh, [])) for sh in shapes.SHAPES},
+                                      "all": mean([v for vs in ok.values() for v in vs]),
+                                      "position": mean([shapes.score(c, im)["position"]
+                                                        for c, im in zip(captions[n:], images[n:])]),
+                                      "direction": mean(order)}
+        print(f"from window {k}: {result[f'from_window_{k}']}", file=sys.stderr, flush=True)
     return result
 
 
@@ -246,6 +254,8 @@ def main(argv=None):
         dt = time.perf_counter() - t0
         result = shapes.evaluate(prompts, images)
         print(json.dumps({**{c: round(result[c], 4) for c in shapes.CATEGORIES}, "overall": round(result["overall"], 4),
+                          "direction": result["direction"] and round(result["direction"], 4),
+                          "n_direction": result["n"]["direction"],
                           "images_per_s": round(len(prompts) / dt, 2), "n_images": len(prompts), "steps": list(steps),
                           "cfg": cfg_scale, "transition": transition, "variant": a.variant}))
         return result

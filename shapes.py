@@ -346,19 +346,42 @@ def score(caption, image):
     return {"position": ok}
 
 
+def direction(caption, image):
+    """For a position prompt whose two objects were drawn right and apart along the relation's
+    axis (the larger centroid offset): is their order along it the asked one? None otherwise.
+    Tells "the layout is right but mirrored" apart from "the objects or the axis are wrong"."""
+    prompt = parse_caption(caption)
+    if prompt["form"] != "position":
+        return None
+    found = parse_image(image)
+    if sorted((o["colour"], o["shape"]) for o in found) != sorted(prompt["objects"]):
+        return None
+    a, b = ([o for o in found if (o["colour"], o["shape"]) == k][0] for k in prompt["objects"])
+    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]
+    horizontal = prompt["relation"] in ("to the left of", "to the right of")
+    if (abs(dx) > abs(dy)) != horizontal:
+        return None
+    return relation_holds(prompt["relation"], (a["cx"], a["cy"]), (b["cx"], b["cy"]))
+
+
 def evaluate(captions, images):
     """Accuracy per category (None where no caption of it), 'overall' = mean over the categories
-    present (all five for eval_prompts()), and 'n' = judgements per category."""
+    present (all five for eval_prompts()), 'n' = judgements per category, and 'direction': of
+    the position images with the right objects on the right axis, the fraction in the asked
+    order (0.5 = chance; not part of overall)."""
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions but {len(images)} images")
-    hits = {c: [] for c in CATEGORIES}
+    hits, order = {c: [] for c in CATEGORIES}, []
     for caption, image in zip(captions, images):
         for category, ok in score(caption, image).items():
             hits[category].append(ok)
+        if (d := direction(caption, image)) is not None:
+            order.append(d)
     result = {c: float(np.mean(v)) if v else None for c, v in hits.items()}
     present = [a for a in result.values() if a is not None]
     result["overall"] = float(np.mean(present)) if present else None
     result["n"] = {c: len(v) for c, v in hits.items()}
+    result["direction"], result["n"]["direction"] = (float(np.mean(order)) if order else None), len(order)
     return result
 
 

@@ -128,8 +128,8 @@ def test_scorer_perfect_on_clean_renders(scenes):
     captions = [c for c, _ in scenes]
     result = shapes.evaluate(captions, [shapes.render(o) for _, o in scenes])
     assert result["n"] == {"single": 750, "counting": 750, "two_objects": 750,
-                           "position": 750, "attribution": 750}
-    assert all(result[c] == 1.0 for c in shapes.CATEGORIES) and result["overall"] == 1.0
+                           "position": 750, "attribution": 750, "direction": 750}
+    assert all(result[c] == 1.0 for c in shapes.CATEGORIES) and result["overall"] == 1.0 and result["direction"] == 1.0
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
@@ -244,3 +244,23 @@ def test_bad_inputs():
         shapes.sample_scene(np.random.default_rng(0), "colours")
     with pytest.raises(ValueError):
         shapes.evaluate(["a red circle"], [])
+
+
+def test_direction_tells_a_mirrored_layout_from_the_right_one():
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(60):
+        caption, objects = shapes.sample_scene(rng, "position")
+        assert shapes.direction(caption, shapes.render(objects)) is True
+        twin = shapes.mirrored(caption, objects)
+        if twin is None:
+            continue
+        # the twin layout under the ORIGINAL caption: right objects, right axis, wrong order
+        assert shapes.direction(caption, shapes.render(twin[1])) is False
+        # ... and the twin caption (relation swapped) describes it
+        assert shapes.direction(twin[0], shapes.render(twin[1])) is True
+        checked += 1
+    assert checked > 40
+    assert shapes.direction("a red circle", shapes.render([("red", "circle", 4, 4, 10)])) is None
+    assert shapes.evaluate(["a red circle to the left of a blue square"],
+                           [shapes.render([("red", "circle", 2, 10, 10), ("blue", "square", 20, 10, 10)])])["direction"] == 1.0

@@ -179,10 +179,12 @@ def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
 
     cfg, n = nami.preset("tiny"), 30
     rng = np.random.default_rng(0)
-    renders = [shapes.render(o) for _, o in (shapes.sample_scene(rng, "single") for _ in range(n))]
+    renders = [shapes.render(o) for _, o in (shapes.sample_scene(rng, form) for form in ("single", "position")
+                                             for _ in range(n))]
     oracle = Oracle(cfg, data.to_tensor(np.stack(renders)), nami.window_bounds(cfg.windows))
     result = sample.stage_check(oracle, NoText(), (2, 2, 2), seed=0, n=n)
-    assert result == {f"from_window_{k}": {"circle": 1.0, "square": 1.0, "triangle": 1.0, "all": 1.0} for k in (1, 2, 3)}
+    assert result == {f"from_window_{k}": {"circle": 1.0, "square": 1.0, "triangle": 1.0, "all": 1.0, "position": 1.0,
+                                           "direction": 1.0} for k in (1, 2, 3)}
     # and the command line, on a trained (miniature) run
     result = sample.main(["--ckpt", trained[0], "--stage-check", "--sample-steps", "1,1,1"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

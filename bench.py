@@ -401,7 +401,7 @@ def gpu_check(a):
                                        "rope_axes": (), **kw} if smoke else kw))
 
     # (1) sampling latency
-    cfg = big("2b")
+    cfg = big("2b", **({"resolution": 16} if smoke else {}))
     torch.manual_seed(0)
     model = nami.NAMI(cfg).to(dev, dtype).eval()
     with torch.no_grad():
@@ -411,7 +411,7 @@ def gpu_check(a):
         nami.compile_stages(model, per_block=True)
     steps = (10, 10, 10) if not smoke else (1, 1, 1)
     report["sampling"] = []
-    for res in ((16, 32) if smoke else (128, 256)):
+    for res in ((8, 16) if smoke else (128, 256)):
         times, warm = sampling_latency(model, res, steps, 3.0, 1 if smoke else 3, dev, dtype)
         flops = {v: counted_flops(cfg, v, res, steps, 3.0) for v in VARIANTS}
         lat = {v: statistics.median(t) for v, t in times.items()}
@@ -439,7 +439,7 @@ def gpu_check(a):
     if not smoke:
         torch.cuda.reset_peak_memory_stats()
     step_times = []
-    for i in range(4):                                    # the first includes warm-up
+    for i in range(2 if smoke else 4):                    # the first includes warm-up
         t0 = now()
         with torch.autocast(dev.type, torch.bfloat16, enabled=not smoke):
             loss, _, _ = step_fn(x, text, (0, 0, 1), None, None, torch.Generator(dev).manual_seed(i))

@@ -577,7 +577,7 @@ VAE_HINT = ("a folder written by AutoencoderKL.save_pretrained (or a pipeline fo
             "or a hub id such as black-forest-labs/FLUX.1-schnell/vae (downloaded unless HF_HUB_OFFLINE=1)")
 
 
-def _load_text_model(name_or_path, device):
+def _load_text_model(name_or_path, device, dtype=None):
     """(tokenizer, frozen model, model_type). 'owner/repo/sub/folder' is a hub repository's
     subfolder; a model folder without tokenizer files takes them from a sibling 'tokenizer'
     folder (HunyuanDiT's mCLIP: t2i/clip_text_encoder + t2i/tokenizer)."""
@@ -595,6 +595,8 @@ def _load_text_model(name_or_path, device):
            "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}.get(mt)
     cls = getattr(transformers, cls) if cls else AutoModel
     extra = {"add_pooling_layer": False} if mt == "bert" else {}     # BERT's pooler is unused here
+    if dtype is not None:                                 # bf16 halves mT5-XXL's 23 GB on a CPU
+        extra["dtype"] = dtype
     model = _hf_load(cls.from_pretrained, path, "text encoder", TEXT_HINT, **kw, **extra)
     # a sibling tokenizer folder: mCLIP's clip_text_encoder -> tokenizer, FLUX's text_encoder_2 -> tokenizer_2
     name = os.path.basename(os.path.normpath(kw.get("subfolder", path)))
@@ -633,14 +635,14 @@ class TextEncoder:
     id is 'A' or 'A+B' and TextEncoder(id) rebuilds it."""
 
     def __init__(self, name_or_path="all-MiniLM-L6-v2", pooled_from=None, length=77, device="cpu",
-                 cache_size=0):
+                 cache_size=0, dtype=None):
         name_or_path, pooled_from = str(name_or_path), pooled_from or None  # "" = no second model
         if pooled_from is None and "+" in name_or_path and not os.path.exists(name_or_path):
             name_or_path, pooled_from = name_or_path.split("+", 1)
         self.id = name_or_path if pooled_from is None else f"{name_or_path}+{pooled_from}"
         self.length, self.device, self.cache_size = length, torch.device(device), cache_size
-        self.tokenizer, self.model, self.kind = _load_text_model(name_or_path, self.device)
-        self.pooler = None if pooled_from is None else _load_text_model(str(pooled_from), self.device)
+        self.tokenizer, self.model, self.kind = _load_text_model(name_or_path, self.device, dtype)
+        self.pooler = None if pooled_from is None else _load_text_model(str(pooled_from), self.device, dtype)
         # caption -> (states (L_i, D), pooled (P,)): states up to the last position that is not a
         # zero pad, re-padded on use, so a cache hit gives exactly what a fresh encoding gives.
         # Captions repeat a lot in small data.
@@ -770,13 +772,13 @@ class VAE:
         return self.vae.decode(z.to(self.device, self.dtype) / self.scale + self.shift).sample.float()
 
 
-def load_encoders(cfg, device="cpu", cache_size=0, local_only=None):
+def load_encoders(cfg, device="cpu", cache_size=0, local_only=None, dtype=None):
     """The text encoder (and VAE, for latent presets) that a model Config names. local_only:
     {id: how to allow its download} for ids that must come from disk (see LOCAL_ONLY)."""
     ids = {part: how for name, how in (local_only or {}).items() if name for part in [name, *name.split("+")]}
     LOCAL_ONLY.update(ids)
     try:
-        return _load_encoders(cfg, device, cache_size)
+        return _load_encoders(cfg, device, cache_size, dtype)
     finally:
         for name in ids:
             LOCAL_ONLY.pop(name, None)
@@ -813,14 +815,14 @@ class WordEncoder:
         return tokens.to(self.device), mask.to(self.device), pooled.to(self.device)
 
 
-def _load_encoders(cfg, device, cache_size):
+def _load_encoders(cfg, device, cache_size, dtype=None):
     enc = (WordEncoder(cfg.text_len, cfg.text_dim, device) if cfg.text_encoder == "words" else
            TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, length=cfg.text_len,
-                       device=device, cache_size=cache_size))
+                       device=device, cache_size=cache_size, dtype=dtype))
     if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
         raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
                          f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")
-    vae = VAE(cfg.vae, device=device) if cfg.vae else None
+    vae = VAE(cfg.vae, device=device, dtype=dtype or torch.float32) if cfg.vae else None
     return enc, vae
 
 

@@ -176,7 +176,8 @@ def main(argv=None):
                         "images noised to its start, for every k (which stage loses accuracy), print JSON")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: the model under autocast, "
+                   "the text encoders and VAE stored in bf16 (mT5-XXL: 11 instead of 23 GB)")
     p.add_argument("--vae", help="override the VAE folder / hub id (latent presets)")
     p.add_argument("--text-encoder", help="override the text encoder folder / hub id")
     p.add_argument("--pooled-encoder", help="override the pooled-vector encoder")
@@ -240,7 +241,8 @@ def main(argv=None):
                                    f"hub, or --{f.replace('_', '-')} FOLDER for a local copy"
                   for f in ("text_encoder", "pooled_encoder", "vae")
                   if a.ckpt and getattr(cfg, f) and not getattr(a, f)}
-    enc, vae = data.load_encoders(cfg, a.device, local_only=local_only)
+    enc, vae = data.load_encoders(cfg, a.device, local_only=local_only,
+                                  dtype=torch.bfloat16 if a.dtype == "bf16" else None)
     if a.stage_check:
         result = stage_check(model, enc, steps, cfg_scale, a.seed, transition=transition)
         print(json.dumps(result))

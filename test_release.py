@@ -273,3 +273,14 @@ def tiny_encoder_dirs(tmp_path_factory):
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), latent_channels=4,
                   norm_num_groups=2, layers_per_block=1).save_pretrained(root / "vae")
     return {"mt5": str(root / "mt5"), "mclip": str(root / "mclip"), "vae": str(root / "vae")}
+
+
+def test_the_prepared_gpu_check_runs(tmp_path):
+    # bench.py --gpu-check is what a lent GPU runs first; its smoke version runs the very same
+    # code on a miniature model on the CPU, so the GPU's minutes are not lost to a crash
+    import bench
+    out = tmp_path / "gpu.json"
+    report = bench.main(["--gpu-check-smoke", "--gpu-check-out", str(out)])
+    assert json.load(open(out)) == json.loads(json.dumps(report))
+    assert [r["px"] for r in report["sampling"]] == [64, 128] and report["fsdp_step"]["seconds"] > 0
+    assert report["train_0.6b"]["img_per_s"] > 0 and 0 < report["sampling"][1]["flop_reduction"] < 1

@@ -105,7 +105,7 @@ def test_loaded_release_computes_what_diffusers_computes_at_every_stage(release_
     model, meta = runs.load(folder)
     cfg = model.cfg
     assert (cfg.K, cfg.stage_layers, cfg.double, cfg.resolution) == (3, (3, 1, 1), 2, 16)
-    assert meta["sample"] == {"cfg": 3.0, "steps": "10,10,10", "transition": "bridge"}
+    assert meta["sample"] == {"cfg": 3.0, "steps": "10,10,10", "transition": "bridge", "bridge_fitted": True}
     g = torch.Generator().manual_seed(2)
     tokens, pooled, t = torch.randn(2, 7, 24, generator=g), torch.randn(2, 20, generator=g), torch.tensor([0.9, 0.3])
     text = Text(tokens, None, pooled)

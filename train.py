@@ -521,6 +521,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
     st = runs.load_checkpoint(run, cfg.K) if a.resume else None
     model, step_fn, opt, ema, resumed = build(cfg, a, st, distributed, run, init)
+    fitted = init is not None                             # a bridge fitted by its previous owner
     del st, init
     start, elapsed, loss_ema = resumed
     # what config.json records: the flags this run trains with, typed now or carried over
@@ -528,7 +529,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
             "vae": cfg.vae, "args": {k: v for k, v in vars(a).items() if k not in TRANSIENT},
             "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition,
                        "bridge_fitted": (meta or {}).get("sample", {}).get("bridge_fitted", cfg.bridge == "scale-shift"
-                                                                           and init is not None)}}
+                                                                           and fitted)}}
     logf = runs.open_log(run, start) if master else None
     if master:
         print(f"run {run}: {nami.count_params(cfg) / 1e6:.2f}M parameters, stages "

@@ -8,6 +8,8 @@ counted by torch's FLOP counter on the meta device for the very same sampler cal
   baseline   one window, full depth, full resolution for every step ("FLUX-base")
   piecewise  K windows at increasing resolution, full depth at every stage
   nami       K windows with the nested layer split (the full method)
+  ppflow2/3  PPFlow: full resolution, 2 or 3 patch levels over the flow (its own model of the
+             same blocks; sigma-convention presets only), the same 30 steps in total
 
   python bench.py --preset cifar                          # 2 CPU cores, a few minutes
   python bench.py --preset cifar --compile                # torch.compile (compile time reported apart)
@@ -47,6 +49,7 @@ import runs
 import shapes
 
 VARIANTS = ("baseline", "piecewise", "nami")
+PPFLOW = (2, 3)       # PPFlow's levels: a model of their own (per-level embeddings and exits)
 
 
 def random_text(cfg, batch, device, dtype, seed):
@@ -55,9 +58,33 @@ def random_text(cfg, batch, device, dtype, seed):
                      torch.randn(batch, cfg.pooled_dim, generator=g).to(device, dtype))
 
 
-def steps_for(variant, steps):
-    """Steps per window for a variant: the baseline's one window takes their sum."""
-    return (sum(steps),) if variant == "baseline" else steps
+def lineup(cfg, steps, preset=None):
+    """{variant: (config, sampler variant, steps per window)}. The three of VARIANTS share one
+    model (the baseline's one window takes the steps' sum). With a `preset` name, PPFlow's
+    levels too: the same blocks, but a model of its own (per-level embeddings and exits),
+    the same total steps split over its levels by their share of the flow (default_steps)."""
+    out = {"baseline": (cfg, "baseline", (sum(steps),)), "piecewise": (cfg, "piecewise", steps),
+           "nami": (cfg, "nami", steps)}
+    if preset and cfg.timesteps == "sigma":             # PPFlow is written in the sigma convention
+        for L in PPFLOW:
+            pp = nami.preset(preset, pp_levels=L)
+            out[f"ppflow{L}"] = (pp, "nami", nami.default_steps(pp, sum(steps)))
+    return out
+
+
+def build_models(lineup_, device, dtype):
+    """One random model per distinct config of a lineup, exits drawn non-zero (zero-init exits
+    would make every image 0)."""
+    models = {}
+    for cfg, _, _ in lineup_.values():
+        if id(cfg) not in models:
+            torch.manual_seed(0)
+            m = nami.NAMI(cfg)
+            with torch.no_grad():
+                for h in m.heads:
+                    h.linear.weight.normal_(std=0.02)
+            models[id(cfg)] = m.to(device, dtype).eval()
+    return models
 
 
 def counted_flops(cfg, variant, res, steps, cfg_scale):
@@ -66,7 +93,7 @@ def counted_flops(cfg, variant, res, steps, cfg_scale):
         model = nami.NAMI(cfg)
     text, unc = random_text(cfg, 1, "meta", torch.float32, 0), random_text(cfg, 1, "meta", torch.float32, 1)
     with FlopCounterMode(display=False) as counter:
-        nami.sample(model, text, unc, steps_for(variant, steps), cfg_scale, variant=variant, resolution=res)
+        nami.sample(model, text, unc, steps, cfg_scale, variant=variant, resolution=res)
     return counter.get_total_flops()
 
 
@@ -79,25 +106,27 @@ def timer(device):
     return now
 
 
-def sampling_latency(model, res, steps, cfg_scale, repeats, device, dtype):
+def sampling_latency(models, lineup_, res, cfg_scale, repeats, device, dtype):
     """{variant: [seconds per image]}: one warm-up call each (compiles, if compiled; timed
     apart), then `repeats` rounds that time every variant once, alternately, so drift in the
     machine's speed hits all variants alike."""
-    text, unc = random_text(model.cfg, 1, device, dtype, 0), random_text(model.cfg, 1, device, dtype, 1)
+    cfg = next(iter(lineup_.values()))[0]
+    text, unc = random_text(cfg, 1, device, dtype, 0), random_text(cfg, 1, device, dtype, 1)
     now = timer(device)
 
     def once(v):
+        vcfg, variant, steps = lineup_[v]
         t0 = now()
-        nami.sample(model, text, unc, steps_for(v, steps), cfg_scale, variant=v, resolution=res,
+        nami.sample(models[id(vcfg)], text, unc, steps, cfg_scale, variant=variant, resolution=res,
                     generator=torch.Generator(device).manual_seed(0))
         return now() - t0
 
-    warm = {v: once(v) for v in VARIANTS}
-    times = {v: [] for v in VARIANTS}
+    warm = {v: once(v) for v in lineup_}
+    times = {v: [] for v in lineup_}
     for r in range(repeats):
-        for v in VARIANTS:
+        for v in lineup_:
             times[v].append(once(v))
-        print(f"  res {res}: round {r + 1}/{repeats} " + " ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS), flush=True)
+        print(f"  res {res}: round {r + 1}/{repeats} " + " ".join(f"{v} {times[v][-1]:.3f}s" for v in lineup_), flush=True)
     return times, warm
 
 
@@ -107,34 +136,33 @@ def speed(a):
     steps = nami.parse_steps(a.sample_steps, cfg.K)
     device, dtype = torch.device(a.device), torch.bfloat16 if a.dtype == "bf16" else torch.float32
     factor = 8 if cfg.vae else 1
-    model = None
+    todo = lineup(cfg, steps, a.preset)
+    models = None
     if not a.flops_only:
-        torch.manual_seed(0)
-        model = nami.NAMI(cfg)
-        for h in model.heads:                             # zero-init exits would make every image 0
-            torch.nn.init.normal_(h.linear.weight, std=0.02)
-        model = model.to(device, dtype).eval()
+        models = build_models(todo, device, dtype)
         if a.compile:
-            nami.compile_stages(model)
+            for m in models.values():
+                nami.compile_stages(m)
     print(f"{a.preset}: {nami.count_params(cfg) / 1e6:.1f}M params, layers {cfg.stage_layers}, {a.device}, {a.dtype}"
-          f"{', compiled' if a.compile else ''}, steps {'/'.join(map(str, steps))}, cfg {cfg_scale}, batch 1")
+          f"{', compiled' if a.compile else ''}, cfg {cfg_scale}, batch 1; steps per window: "
+          + ", ".join(f"{v} {'/'.join(map(str, st))}" for v, (_, _, st) in todo.items()))
     rows = []
     for res in a.res or [cfg.resolution]:
         cfg.check(res)
-        flops = {v: counted_flops(cfg, v, res, steps, cfg_scale) for v in VARIANTS}
-        times, warm = sampling_latency(model, res, steps, cfg_scale, a.repeats, device, dtype) if model else ({}, {})
+        flops = {v: counted_flops(c, var, res, st, cfg_scale) for v, (c, var, st) in todo.items()}
+        times, warm = sampling_latency(models, todo, res, cfg_scale, a.repeats, device, dtype) if models else ({}, {})
         lat = {v: statistics.median(t) for v, t in times.items()}
         row = {"preset": a.preset, "res": res, "px": res * factor, "device": a.device, "dtype": a.dtype,
-               "compiled": a.compile, "steps": list(steps), "cfg": cfg_scale, "flops": flops,
-               "latency_s": lat or None, "latency_range_s": {v: [min(t), max(t)] for v, t in times.items()} or None,
-               "first_call_s": warm or None}
-        for v in ("piecewise", "nami"):
+               "compiled": a.compile, "steps": {v: list(st) for v, (_, _, st) in todo.items()}, "cfg": cfg_scale,
+               "flops": flops, "latency_s": lat or None,
+               "latency_range_s": {v: [min(t), max(t)] for v, t in times.items()} or None, "first_call_s": warm or None}
+        for v in list(todo)[1:]:
             row[f"{v}_flop_reduction"] = round(1 - flops[v] / flops["baseline"], 4)
             row[f"{v}_latency_reduction"] = round(1 - lat[v] / lat["baseline"], 4) if lat else None
         rows.append(row)
     print(f"\n{'px':>5} {'variant':>10} {'TFLOP':>9} {'latency s (min-max)':>22} {'FLOP red.':>10} {'latency red.':>12}")
     for row in rows:
-        for v in VARIANTS:
+        for v in todo:
             lat = "-" if not row["latency_s"] else \
                 f"{row['latency_s'][v]:.3f} ({row['latency_range_s'][v][0]:.3f}-{row['latency_range_s'][v][1]:.3f})"
             red = "" if v == "baseline" else f"{row[f'{v}_flop_reduction']:10.1%}"
@@ -154,9 +182,9 @@ def plot_speed(rows, path):
     import matplotlib.pyplot as plt
     panels = [("flops", "TFLOP per image", 1e12)] + ([("latency_s", "seconds per image", 1)] if rows[0]["latency_s"] else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    px = [r["px"] for r in rows]
+    px, r0 = [r["px"] for r in rows], rows[0]
     for ax, (key, label, unit) in zip(axes[0], panels):
-        for v in VARIANTS:
+        for v in r0["flops"]:
             ax.plot(px, [r[key][v] / unit for r in rows], marker="o", label=v)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -165,8 +193,8 @@ def plot_speed(rows, path):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    r = rows[0]
-    fig.suptitle(f"{r['preset']}, {'/'.join(map(str, r['steps']))} steps, cfg {r['cfg']}, {r['device']} {r['dtype']}", fontsize=9)
+    fig.suptitle(f"{r0['preset']}, 30 steps, cfg {r0['cfg']}, {r0['device']} {r0['dtype']}"
+                 f"{', compiled' if r0['compiled'] else ''}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -402,18 +430,16 @@ def gpu_check(a):
 
     # (1) sampling latency
     cfg = big("2b", **({"resolution": 16} if smoke else {}))
-    torch.manual_seed(0)
-    model = nami.NAMI(cfg).to(dev, dtype).eval()
-    with torch.no_grad():
-        for h in model.heads:
-            h.linear.weight.normal_(std=0.02)
+    steps = (10, 10, 10) if not smoke else (1, 1, 1)
+    todo = lineup(cfg, steps)
+    models = build_models(todo, dev, dtype)
+    model = models[id(cfg)]
     if not smoke:
         nami.compile_stages(model, per_block=True)
-    steps = (10, 10, 10) if not smoke else (1, 1, 1)
     report["sampling"] = []
     for res in ((8, 16) if smoke else (128, 256)):
-        times, warm = sampling_latency(model, res, steps, 3.0, 1 if smoke else 3, dev, dtype)
-        flops = {v: counted_flops(cfg, v, res, steps, 3.0) for v in VARIANTS}
+        times, warm = sampling_latency(models, todo, res, 3.0, 1 if smoke else 3, dev, dtype)
+        flops = {v: counted_flops(c, var, res, st, 3.0) for v, (c, var, st) in todo.items()}
         lat = {v: statistics.median(t) for v, t in times.items()}
         row = {"px": res * 8, "steps": list(steps), "cfg": 3.0, "latency_s": lat, "first_call_s": warm,
                "tflop": {v: f / 1e12 for v, f in flops.items()},
@@ -421,7 +447,7 @@ def gpu_check(a):
                "mfu": {v: flops[v] / lat[v] / peak for v in VARIANTS} if peak else None}
         report["sampling"].append(row)
         print(json.dumps(row), flush=True)
-    del model
+    del model, models
     # (2) one FSDP2 training step of 2b at 1024, activation checkpointing
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -514,7 +540,8 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
     `jobs` at a time with the CPU cores split evenly between them, so that every run gets
     the same compute; score each with `sample.py --eval` (`n_eval` images per prompt) at every
     eval seed; print per variant the mean and min-max over all (training seed, eval seed)
-    pairs, training and sampling images/s and sampling FLOPs per image; JSON lines; a plot."""
+    pairs, training and sampling images/s and sampling FLOPs per image; JSON lines; a plot.
+    Runs train eager: at one thread each, compiling takes ~5 minutes, most of a short budget."""
     cores = os.cpu_count() or 1
     if not 1 <= jobs <= cores:
         raise ValueError(f"--jobs {jobs}: give each variant at least one of the {cores} cores")
@@ -529,7 +556,7 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
                     if not os.path.isfile(os.path.join(run, "config.json")):    # a rerun picks up finished runs
                         queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
                                             "--out", out, "--name", os.path.basename(run), "--seed", str(seed),
-                                            *train_flags]))
+                                            "--no-compile", *train_flags]))
                 evals.append((kind, name, seed, run, eval_flags))
     for i in range(0, len(queue), jobs):
         procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(run + ".log", "w"), stderr=subprocess.STDOUT))

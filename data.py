@@ -784,41 +784,9 @@ def load_encoders(cfg, device="cpu", cache_size=0, local_only=None, dtype=None):
             LOCAL_ONLY.pop(name, None)
 
 
-class WordEncoder:
-    """A diagnostic text encoder (text_encoder="words"): one fixed random unit vector per word,
-    in caption order, and their mean as the pooled vector. With the model's own learned text
-    projection on top it is a learned word embedding that knows nothing but word identity and
-    order: what a model can get from the words when no pretrained encoder blurs them."""
-
-    def __init__(self, length, dim, device="cpu"):
-        self.id, self.length, self.dim, self.pooled_dim, self.device = "words", length, dim, dim, torch.device(device)
-        self.cut, self.cache = 0, {}
-
-    def vector(self, word):
-        seed = int.from_bytes(word.encode()[:8].ljust(8, b"\0"), "little") ^ len(word) << 56
-        v = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed % (1 << 63)))
-        return v / v.norm()
-
-    def warm(self, captions):
-        pass
-
-    def encode(self, captions):
-        tokens = torch.zeros(len(captions), self.length, self.dim)
-        mask = torch.zeros(len(captions), self.length, dtype=torch.bool)
-        for i, c in enumerate(captions):
-            words = c.split()[: self.length]
-            self.cut += len(c.split()) > self.length
-            for j, w in enumerate(words):
-                tokens[i, j] = self.cache.setdefault(w, self.vector(w))
-            mask[i, : len(words)] = True
-        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return tokens.to(self.device), mask.to(self.device), pooled.to(self.device)
-
-
 def _load_encoders(cfg, device, cache_size, dtype=None):
-    enc = (WordEncoder(cfg.text_len, cfg.text_dim, device) if cfg.text_encoder == "words" else
-           TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, length=cfg.text_len,
-                       device=device, cache_size=cache_size, dtype=dtype))
+    enc = TextEncoder(cfg.text_encoder, pooled_from=cfg.pooled_encoder or None, length=cfg.text_len,
+                      device=device, cache_size=cache_size, dtype=dtype)
     if (enc.dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
         raise ValueError(f"text encoder {enc.id} gives widths ({enc.dim}, {enc.pooled_dim}) but the model "
                          f"expects ({cfg.text_dim}, {cfg.pooled_dim}); pass the encoder it was trained with")

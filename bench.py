@@ -539,8 +539,9 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
     """Train every variant of `kinds` at every training seed for `minutes` of wall clock,
     `jobs` at a time with the CPU cores split evenly between them, so that every run gets
     the same compute; score each with `sample.py --eval` (`n_eval` images per prompt) at every
-    eval seed; print per variant the mean and min-max over all (training seed, eval seed)
-    pairs, training and sampling images/s and sampling FLOPs per image; JSON lines; a plot.
+    eval seed, also `jobs` at a time; print per variant the mean and min-max over all (training
+    seed, eval seed) pairs, training and sampling images/s and sampling FLOPs per image; JSON
+    lines; a plot.
     Runs train eager: at one thread each, compiling takes ~5 minutes, most of a short budget."""
     cores = os.cpu_count() or 1
     if not 1 <= jobs <= cores:
@@ -567,21 +568,26 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
         for run, proc in procs:
             if proc.wait():
                 raise RuntimeError(f"training {run} failed: see {run}.log")
-    scored = []
-    for j, (kind, name, seed, run, eval_flags) in enumerate(evals):
-        meta = json.load(open(os.path.join(run, "config.json")))
-        log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] or [{}]
-        cfg = runs.config_from_json(meta["model"])
-        steps = nami.parse_steps(meta["sample"]["steps"], cfg.K)
+    scored, jobs_ = [], []
+    for kind, name, seed, run, eval_flags in evals:
         for es in eval_seeds:
-            print(f"[{time.strftime('%H:%M')}] scoring {name}, training seed {seed}, eval seed {es} "
-                  f"({j * len(eval_seeds) + eval_seeds.index(es) + 1}/{len(evals) * len(eval_seeds)})", flush=True)
-            res = subprocess.run([sys.executable, os.path.join(here, "sample.py"), "--ckpt", run, "--eval",
-                                  "--n", str(n_eval), "--seed", str(es), *eval_flags],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if res.returncode:
-                raise RuntimeError(f"scoring {run} failed:\n{res.stderr[-2000:]}")
-            result = json.loads(res.stdout.strip().splitlines()[-1])
+            jobs_.append((kind, name, seed, run, es, [sys.executable, os.path.join(here, "sample.py"), "--ckpt", run,
+                                                      "--eval", "--n", str(n_eval), "--seed", str(es), *eval_flags]))
+    for i in range(0, len(jobs_), jobs):                  # scored `jobs` at a time, cores split as in training
+        batch = jobs_[i: i + jobs]
+        print(f"[{time.strftime('%H:%M')}] scoring " + ", ".join(f"{n} s{s} eval {es}" for _, n, s, _, es, _ in batch)
+              + f" ({i + len(batch)}/{len(jobs_)})", flush=True)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for *_, cmd in batch]
+        for (kind, name, seed, run, es, _), proc in zip(batch, procs):
+            out, err = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"scoring {run} failed:\n{err[-2000:]}")
+            result = json.loads(out.strip().splitlines()[-1])
+            meta = json.load(open(os.path.join(run, "config.json")))
+            log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] or [{}]
+            cfg = runs.config_from_json(meta["model"])
+            steps = nami.parse_steps(meta["sample"]["steps"], cfg.K)
             scored.append({"ablation": kind, "variant": name, "seed": seed, "eval_seed": es, "minutes": minutes,
                            "steps": meta["step"], "train_img_per_s": log[-1].get("img_per_s"),
                            "sample_img_per_s": result["images_per_s"],

@@ -580,10 +580,10 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for *_, cmd in batch]
         for (kind, name, seed, run, es, _), proc in zip(batch, procs):
-            out, err = proc.communicate()
+            stdout, stderr = proc.communicate()
             if proc.returncode:
-                raise RuntimeError(f"scoring {run} failed:\n{err[-2000:]}")
-            result = json.loads(out.strip().splitlines()[-1])
+                raise RuntimeError(f"scoring {run} failed:\n{stderr[-2000:]}")
+            result = json.loads(stdout.strip().splitlines()[-1])
             meta = json.load(open(os.path.join(run, "config.json")))
             log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] or [{}]
             cfg = runs.config_from_json(meta["model"])

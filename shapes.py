@@ -198,10 +198,11 @@ def options(spec):
                 out["mirror"] = True
             elif key == "forms" and len(value.split(":")) == len(FORMS):
                 out["forms"] = tuple(float(v) for v in value.split(":"))
-                assert all(v >= 0 for v in out["forms"]) and sum(out["forms"]) > 0
+                if min(out["forms"]) < 0 or sum(out["forms"]) <= 0:
+                    raise ValueError
             else:
                 raise ValueError
-        except (ValueError, AssertionError):
+        except ValueError:
             raise ValueError(f"--data {spec}: options are 'mirror' and 'forms=a:b:c:d' (weights of {', '.join(FORMS)})") from None
     return out
 

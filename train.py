@@ -521,15 +521,14 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
     st = runs.load_checkpoint(run, cfg.K) if a.resume else None
     model, step_fn, opt, ema, resumed = build(cfg, a, st, distributed, run, init)
-    fitted = init is not None                             # a bridge fitted by its previous owner
+    fitted = init is not None and cfg.bridge == "scale-shift"    # the release's bridge comes fitted
     del st, init
     start, elapsed, loss_ema = resumed
     # what config.json records: the flags this run trains with, typed now or carried over
     meta = {**(meta or {}), "preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
             "vae": cfg.vae, "args": {k: v for k, v in vars(a).items() if k not in TRANSIENT},
             "sample": {"cfg": a.cfg, "steps": a.sample_steps, "transition": a.transition,
-                       "bridge_fitted": (meta or {}).get("sample", {}).get("bridge_fitted", cfg.bridge == "scale-shift"
-                                                                           and fitted)}}
+                       "bridge_fitted": (meta or {}).get("sample", {}).get("bridge_fitted", fitted)}}
     logf = runs.open_log(run, start) if master else None
     if master:
         print(f"run {run}: {nami.count_params(cfg) / 1e6:.2f}M parameters, stages "
@@ -537,7 +536,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               f"{world} rank(s), batch {a.batch_size}, {a.dtype}{', compiled' if a.compile else ''}"
               + (f", from step {start}" if start else ""))
         print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
-              + ("; the first steps include compiling (~2-3 min on 2 CPU cores)" if a.compile else ""))
+              + ("; the first steps include compiling (~4 min on 2 CPU cores the first time, seconds once cached)" if a.compile else ""))
         old_steps = (meta or {}).get("args", {}).get("steps") if start else None
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
             lr_at = lambda n: learning_rate(a.lr, start, start / n, a.warmup, a.phases)

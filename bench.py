@@ -222,8 +222,8 @@ def train_worker(src, preset, compiled):
     torch.manual_seed(0)
     model = N.NAMI(cfg)
     model.bridge.requires_grad_(False)
-    if compiled:
-        N.compile_stages(model)
+    if compiled:                                          # as train.py compiles it
+        N.compile_stages(model, per_block=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r["lr"],
                             betas=(0.9, r.get("beta2", 0.99)), weight_decay=0.0, fused=True)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}

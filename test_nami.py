@@ -457,14 +457,27 @@ def test_unmasked_attention_is_the_masked_one_when_nothing_is_masked():
     assert torch.allclose(m(x, sg, t, stage=2), m(x, sg, t._replace(mask=None), stage=2), atol=1e-6)
 
 
-def test_compiled_stage_equals_eager():
-    # torch.compile(fullgraph=True) of a stage: no graph breaks (it would raise), the same numbers
+@pytest.mark.parametrize("per_block", [False, True])
+def test_compiled_stage_equals_eager(per_block):
+    # torch.compile(fullgraph=True) of a stage or of each block (train.py's): no graph breaks
+    # (it would raise), the same numbers, and per block (what training runs) the same gradients
     m = tiny_model(width=32, heads=2)
     x, sg, t = torch.randn(2, 3, 8, 8), torch.rand(2), text(2, T=14)._replace(mask=None)
-    with torch.no_grad():
-        eager = m(x, sg, t, stage=1)
-        nami.compile_stages(m)
-        assert (m(x, sg, t, stage=1) - eager).abs().max() < 1e-4
+    eager = m(x, sg, t, stage=1)
+    eager.square().mean().backward()
+    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+    grads = [grad(p) for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    nami.compile_stages(m, per_block=per_block)
+    if not per_block:
+        with torch.no_grad():
+            assert (m(x, sg, t, stage=1) - eager).abs().max() < 1e-4
+        return
+    out = m(x, sg, t, stage=1)
+    assert (out - eager).abs().max() < 1e-4
+    out.square().mean().backward()
+    # a compiled block returns zeros, not None, for the weights whose outputs stage 1 leaves unread
+    assert all((grad(p) - g).abs().max() < 1e-4 for p, g in zip(m.parameters(), grads))
 
 
 def test_text_positions_make_word_order_visible():

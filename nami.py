@@ -216,8 +216,8 @@ PHASES = {
     "tiny": [(0.70, (4, 8, 1), 1.0), (1.00, (4, 8, 1), (1.0, 0.0))],
 }
 # Defaults of `python train.py --preset P` (flags override). --dtype defaults to bf16 on GPUs,
-# fp32 on CPUs. tiny's 2,100 steps: the same model for everyone; compiled, 11 minutes on 2 CPU
-# cores with a warm compile cache, 15.6 with a cold one (EXPERIMENTS.md, section 0). Its batch
+# fp32 on CPUs. tiny's 2,100 steps: the same model for everyone; compiled per block, ~12-14 min
+# on 2 quiet CPU cores, 18-20 on a slow stretch (EXPERIMENTS.md, section 0). Its batch
 # 192: at its 4:8:1 mix most samples train the cheap 8/16 px stages, where a CPU step is
 # mostly per-operator overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100)
 # is what lets it take lr 5e-3; either change alone gained nothing (EXPERIMENTS.md).

@@ -634,7 +634,7 @@ def build(cfg, a, st, distributed, run, init=None):
         runs.load_weights(model, st["model"], path)       # full weights, before any sharding
     elif init is not None:
         model.load_state_dict(init.state_dict())
-    if a.compile:   # per block: tiny compiles in ~1.7 min cold instead of ~3.5, each step 3-10% slower
+    if a.compile:   # per block: tiny compiles in ~1.7 min cold instead of ~3.5, each step ~10% slower
         nami.compile_stages(model, per_block=True)
     step_fn = runs.wrap(model, a.fsdp, distributed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, a.beta2),

@@ -188,7 +188,38 @@ def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
     # and the command line, on a trained (miniature) run
     result = sample.main(["--ckpt", trained[0], "--stage-check", "--sample-steps", "1,1,1"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line == result and all(0 <= v["all"] <= 1 for v in line.values()) and len(line) == 3
+    assert line == result and len(line) == 4 and set(line.pop("first_guess")) == {"offset", "data"}
+    assert all(0 <= v["all"] <= 1 for v in line.values())
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_first_guess_reads_the_layout_an_oracle_asks_for(mirror):
+    # An oracle whose window-1 field flows to the scene's own render has exactly the render
+    # (at 8 px) as its first guess: the offset must match the scenes' geometric centroids.
+    # Mirrored along each relation's axis, the same renders ask for the opposite order.
+    from test_nami import Oracle
+
+    class NoText:
+        def encode(self, captions):
+            n = len(captions)
+            return torch.zeros(n, 2, 384), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 384)
+
+    cfg, n, draws = nami.preset("tiny"), 24, 2
+    scenes = sample.first_guess_scenes(seed=3, n=n)
+    renders = []
+    for caption, objects in scenes:
+        image = shapes.render(objects)
+        if mirror:
+            horizontal = shapes.parse_caption(caption)["relation"] in ("to the left of", "to the right of")
+            image = image[:, ::-1] if horizontal else image[::-1]
+        renders.append(image)
+    x_star = data.to_tensor(np.stack(renders)).repeat_interleave(draws, 0)
+    truth = np.mean([(1 if r in ("to the right of", "below") else -1) * (shapes.centroid(o[0])[ax] - shapes.centroid(o[1])[ax]) / 4
+                     for c, o in scenes for r in [shapes.parse_caption(c)["relation"]]
+                     for ax in [0 if r in ("to the left of", "to the right of") else 1]])
+    got = sample.first_guess(Oracle(cfg, x_star, nami.window_bounds(cfg.windows)), NoText(), seed=3, n=n, draws=draws)
+    assert got["data"] == pytest.approx(truth, abs=0.01) and 3 < truth < 5
+    assert got["offset"] == pytest.approx(-truth if mirror else truth, abs=0.3)
 
 
 def test_sample_eval_prints_scores(trained, capsys):

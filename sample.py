@@ -83,14 +83,14 @@ def first_guess_scenes(seed=0, n=48):
 def first_guess(model, enc, seed=0, n=48, draws=32):
     """Does the model read a relation before it has any layout to follow? Window 1 starts from
     pure noise x, so its one-step estimate of the data, x0 = (x_end - e_1 x) / (1 - e_1), holds
-    the layout the caption alone asks for; its mean over `draws` noises is E[x0 | caption],
-    the mean image. In it each object's colour mass has a centroid; the first-named object's
+    the layout the caption alone asks for; its mean over `draws` noises is the model's
+    E[x0 | caption], the mean image. In it each object's colour mass has a centroid; the first-named object's
     offset from the second along the relation's axis, signed so that + is the asked side,
     averaged over n position scenes, in stage-1 pixels: "offset". "data" is the same offset
-    in the scenes themselves (~4 px). A model that reads the relation lands near data, one
+    in the scenes themselves (~3.7 px). A model that reads the relation lands near data, one
     that places objects by what they are rather than by the relation near 0."""
     cfg, dev = model.cfg, next(model.parameters()).device
-    win, f = nami.plan(cfg)[0], 2 ** (cfg.K - 1)
+    win, f = nami.plan(cfg)[0], cfg.resolution // cfg.stage_resolution(1)     # f: image px per stage-1 px
     scenes, g = first_guess_scenes(seed, n), torch.Generator(dev).manual_seed(seed)
     text = data.encode_text(enc, [c for c, _ in scenes for _ in range(draws)], dev)
     x = nami.start_noise(cfg, n * draws, cfg.resolution, cfg.stage_resolution(1), g, dev)
@@ -103,7 +103,7 @@ def first_guess(model, enc, seed=0, n=48, draws=32):
         rel = shapes.parse_caption(caption)["relation"]
         axis, sign = (0 if rel in ("to the left of", "to the right of") else 1), (-1 if rel in ("to the left of", "above") else 1)
         at = []
-        for colour, *_ in objects[:2]:
+        for colour, *_ in objects[:2]:                                 # w: closeness to the colour
             w = np.clip(1 - np.abs(img - np.array(shapes.COLOURS[colour])[:, None, None] / 255).sum(0), 0, None) ** 2
             at.append(((w * xs).sum() / max(w.sum(), 1e-9), (w * ys).sum() / max(w.sum(), 1e-9))[axis])
         offset.append(sign * (at[0] - at[1]))

@@ -167,15 +167,17 @@ def test_sample_cli_writes_one_png_per_prompt_and_a_grid(trained, tmp_path):
         sample.main(["--ckpt", trained[0], "--prompts-file", str(tmp_path / "p.png.txt"), "--out", str(tmp_path / "p.png")])
 
 
+class NoText:
+    """A text encoder stand-in for oracles, which ignore the text."""
+    def encode(self, captions):
+        n = len(captions)
+        return torch.zeros(n, 2, 384), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 384)
+
+
 def test_stage_check_with_an_oracle_gets_everything_right(trained, capsys):
     # An oracle that knows the very renders stage_check draws (same seed) must score 1 from
     # every window's start: captions, renders, start states and windows all line up.
     from test_nami import Oracle
-
-    class NoText:
-        def encode(self, captions):
-            n = len(captions)
-            return torch.zeros(n, 2, 384), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 384)
 
     cfg, n = nami.preset("tiny"), 30
     rng = np.random.default_rng(0)
@@ -198,11 +200,6 @@ def test_first_guess_reads_the_layout_an_oracle_asks_for(mirror):
     # (at 8 px) as its first guess: the offset must match the scenes' geometric centroids.
     # Mirrored along each relation's axis, the same renders ask for the opposite order.
     from test_nami import Oracle
-
-    class NoText:
-        def encode(self, captions):
-            n = len(captions)
-            return torch.zeros(n, 2, 384), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 384)
 
     cfg, n, draws = nami.preset("tiny"), 24, 2
     scenes = sample.first_guess_scenes(seed=3, n=n)

@@ -222,8 +222,9 @@ PHASES = {
 # mostly per-operator overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100)
 # is what lets it take lr 5e-3; either change alone gained nothing (EXPERIMENTS.md).
 TRAIN = {
-    "tiny": dict(steps=2100, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
-                 cfg=3.0, sample_steps="10,10,10", phases="tiny", compile=True),
+    "tiny": dict(steps=2700, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
+                 cfg=3.0, sample_steps="10,10,10", phases="tiny", compile=True,
+                 head_start=0.2222, head_start_data="shapes:forms=0:0:0:1"),
     "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, beta2=0.99, warmup=1000, ema=0.9999, cfg=2.0,
                   sample_steps="10,10,10", phases="paper", compile=False),
     "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=3.0,
@@ -396,7 +397,7 @@ def assign_stages(n, ratios, generator=None, device="cpu"):
     return stage
 
 
-def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1)):
+def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None, shard=(0, 1), start_share=0.0):
     """Multi-resolution joint loss (paper Eq. 4, Algorithm 1).
 
     x: (B,C,R,R) full-resolution images or latents in model space; text: Text for the batch;
@@ -411,6 +412,9 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
     shard = (rank, world): x holds samples rank, rank + world, ... of a global batch. The
     random draws are made for the whole global batch and this shard takes its share, so
     averaging the ranks' gradients gives exactly the single-process gradient.
+    start_share: the fraction of samples trained at their window's start (l = 1) instead of a
+    logit-normal l. Window 1 starts at pure noise, where a sample's layout is chosen, and
+    logit-normal draws almost never reach it; train.py's head start uses share 1 (EXPERIMENTS.md 7(f)).
     Returns (total, {stage: mean MSE}, {stage: samples}) for the stages that got samples.
     """
     cfg, K = model.cfg, model.cfg.K
@@ -423,6 +427,8 @@ def nami_loss(model, x, text, ratios, weights=None, native=None, generator=None,
     if native is not None:                                # a sample serves only stages <= its native one
         stage_of = torch.minimum(stage_of, native.to(dev))
     u = draw(logit_normal(n, generator, dev))            # noise fraction left in the window
+    if start_share:                                       # (share 0 leaves every draw as it was)
+        u = torch.where(draw(torch.rand(n, generator=generator, device=dev)) < start_share, torch.ones_like(u), u)
     noise = draw(torch.randn((n,) + x.shape[1:], generator=generator, device=dev, dtype=x.dtype))
     counts_plan = stage_counts(n, ratios)
     total, per_stage, counts = x.new_zeros(()), {}, {}

@@ -660,6 +660,31 @@ def test_loss_uses_native_resolution_only_downwards():
     assert sum(n for k, n in seen if k > 1) <= 10 and sum(n for _, n in seen) == 20
 
 
+
+def test_start_share_trains_at_the_window_start():
+    # train.py's head start: share 1 at ratios 1:0:0 must put every sample at window 1's start,
+    # sigma = 1, where the state is the noise alone. Images of constant 5 would shift the mean
+    # of any state that still held data; the time fed must be window 1's t_start for all.
+    cfg = nami.preset("tiny", width=64, heads=2)
+    m, seen = nami.NAMI(cfg), []
+    m.forward = lambda x, t, txt, stage=None, depth=None: (seen.append((stage, x, t)), torch.zeros_like(x))[1]
+    nami.nami_loss(m, torch.full((64, 3, 32, 32), 5.0), text(64, T=3), (1, 0, 0),
+                   generator=torch.Generator().manual_seed(0), start_share=1.0)
+    (k, x1, t1), = [s for s in seen if len(s[1])]
+    assert k == 1 and x1.shape == (64, 3, 8, 8)
+    assert abs(x1.mean().item()) < 0.05 and abs(x1.std().item() - 1) < 0.05      # 12k draws: std error 0.009
+    assert torch.all(t1 == nami.plan(cfg)[0].t_start) and nami.plan(cfg)[0].s == 1.0
+    # share 1/4 at 1:1:1: a quarter of each stage's samples sit at their own window's start
+    # (logit-normal draws never reach it exactly), and the rest spread over the window
+    seen.clear()
+    nami.nami_loss(m, torch.randn(3000, 3, 32, 32), text(3000, T=3), (1, 1, 1),
+                   generator=torch.Generator().manual_seed(1), start_share=0.25)
+    for win in nami.plan(cfg):
+        (t,) = [s[2] for s in seen if s[0] == win.stage]
+        at_start = (t == win.t_start).float().mean().item()
+        assert abs(at_start - 0.25) < 0.04 and len(t) == 1000                  # std error 0.014
+        assert (t < win.t_start).sum() > 600 and (t >= win.t_end).all()
+
 # ---------------------------------------------------------------- built-in checks
 
 def params_formula(cfg):

@@ -287,9 +287,10 @@ def test_learning_rate_and_phase_schedule(trained, tmp_path):
     assert [ratios(s / 250, "paper") for s in (0, 119.9, 120, 199.9, 200, 249.9)] == \
         [(4, 2, 1)] * 2 + [(2, 4, 1)] * 2 + [(1, 2, 4)] * 2
     assert {ratios(p / 100, "tiny") for p in range(100)} == {(4, 8, 1)}
-    # a tiny run uses tiny's phases, and a resumed run keeps the phases it started with
+    # a tiny run uses tiny's phases after its head start (0.2222 of 6 steps: 1), and a resumed
+    # run keeps the phases it started with
     log = [json.loads(line) for line in open(os.path.join(trained[0], "log.jsonl"))]
-    assert all(r["ratios"] == [4, 8, 1] for r in log)
+    assert [r["ratios"] for r in log] == [[1, 0, 0]] + [[4, 8, 1]] * 5
     assert train.settle_args(*train.parse_args(["--resume", trained[1], "--steps", "9"]))[0].phases == "tiny"
     # AdamW's beta2 is the preset's (tiny: 0.95), reaches the optimizer, and survives a resume
     assert [g["betas"] for g in state(trained[1])["optim"]["param_groups"]] == [(0.9, 0.95)]
@@ -303,6 +304,29 @@ def test_learning_rate_and_phase_schedule(trained, tmp_path):
     assert train.settle_args(*train.parse_args(["--phases", "paper"]))[0].phases == "paper"
     cifar = train.settle_args(*train.parse_args(["--preset", "cifar"]))[0]
     assert (cifar.phases, cifar.beta2) == ("paper", 0.99)
+
+
+def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_path, monkeypatch):
+    # --head-start 0.5 of 10 steps: steps 1-5 train stage 1 alone (ratios 1:0:0) on the head
+    # start's position captions, steps 6-10 the phases on --data over the rest of the run: their
+    # warmup starts again, and tiny's lr decay over the last 30% of the phases covers step 10
+    forms, make = [], shapes.make_batch
+    monkeypatch.setattr(shapes, "make_batch", lambda n, seed, index=0, **kw: (forms.append(kw.get("forms")),
+                                                                               make(n, seed, index, **kw))[1])
+    run = train.main(MINI + ["--out", str(tmp_path), "--name", "h", "--steps", "10", "--head-start", "0.5",
+                             "--head-start-data", "shapes:forms=0:0:0:1"])
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert [r["ratios"] for r in log] == [[1, 0, 0]] * 5 + [[4, 8, 1]] * 5
+    assert [r["stage_loss"][1] for r in log[:5]] == [1.0] * 5 and log[5]["stage_loss"][1] != 1.0
+    assert [r["lr"] for r in log] == pytest.approx([2.5e-3] + [5e-3] * 4 + [2.5e-3] + [5e-3] * 3 + [5e-3 * 0.2 / 0.3])
+    assert forms[:5] == [(0, 0, 0, 1)] * 5 and forms[5:10] == [None] * 5
+    # the preset's head start is on the shapes world's position captions, and only there
+    settle = lambda *flags: train.settle_args(*train.parse_args(list(flags)))[0]
+    assert (settle().head_start, settle().head_start_data) == (nami.TRAIN["tiny"]["head_start"], "shapes:forms=0:0:0:1")
+    assert settle("--data", "cifar:/x").head_start_data is None
+    assert settle("--head-start", "0").head_start == 0 and settle("--preset", "cifar").head_start == 0
+    with pytest.raises(ValueError, match="fraction of the run"):
+        train.main(MINI + ["--out", str(tmp_path), "--steps", "3", "--head-start", "1"])
 
 
 def test_baseline_and_piecewise_runs_finish(tmp_path):

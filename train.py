@@ -253,6 +253,10 @@ def parser():
     p.add_argument("--warmup", type=int, help="linear learning-rate warmup steps (0: none)")
     p.add_argument("--ema", type=float)
     p.add_argument("--phases", choices=list(nami.PHASES), help="resolution ratios over the run (nami.PHASES; default: the preset's)")
+    p.add_argument("--head-start", type=float, metavar="F", help="train stage 1 alone, every sample at pure noise, for "
+                   "this fraction of the run before the phases (0: none; default: the preset's; EXPERIMENTS.md 7(f))")
+    p.add_argument("--head-start-data", metavar="SPEC", help="the head start's --data (default: the preset's on the "
+                   "shapes world, else --data)")
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
     p.add_argument("--out", default="out", help="parent folder of runs")
     p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
@@ -312,7 +316,7 @@ def settle_args(a, given):
         meta = runs.read_meta(a.resume)
         saved = {k: v for k, v in check_saved_args(meta.get("args", {}), path).items() if k != "device"}
         # a run saved before --phases and --beta2 existed trained with the paper's phases and 0.99
-        a = argparse.Namespace(**{**vars(a), "phases": "paper", "beta2": 0.99, **saved, **TRANSIENT, **given})
+        a = argparse.Namespace(**{**vars(a), "phases": "paper", "beta2": 0.99, "head_start": 0, **saved, **TRANSIENT, **given})
     else:
         meta = None
         if a.init_from and "preset" not in given:         # fine-tuning: the recipe of the weights' preset
@@ -322,6 +326,9 @@ def settle_args(a, given):
                 setattr(a, k, v)
         if a.variant.startswith("ppflow") and "sample_steps" not in given:   # 30 steps, split PPFlow's way
             a.sample_steps = ",".join(map(str, nami.default_steps(nami.preset(a.preset, **VARIANTS[a.variant]))))
+    a.head_start = a.head_start or 0.0
+    if a.head_start_data and "head_start_data" not in given and is_shapes(a.head_start_data) != is_shapes(a.data):
+        a.head_start_data = None                          # the preset's is for the shapes world: use --data
     if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
         a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     if "steps" in given and "minutes" not in given:       # an explicit step count beats a time budget,
@@ -361,6 +368,8 @@ def check_args(a, start=0):
         (not (finite(a.lr) and a.lr > 0), f"--lr {a.lr}: the learning rate must be a positive number"),
         (not (finite(a.beta2) and 0 <= a.beta2 < 1), f"--beta2 {a.beta2}: AdamW's decay lies in [0, 1), e.g. 0.99"),
         (a.warmup < 0, f"--warmup {a.warmup}: give 0 (no warmup) or more steps"),
+        (not (finite(a.head_start) and 0 <= a.head_start < 1),
+         f"--head-start {a.head_start}: give the fraction of the run in [0, 1), e.g. 0.2 (0: none)"),
         (not (finite(a.ema) and 0 <= a.ema < 1), f"--ema {a.ema}: the EMA decay lies in [0, 1), e.g. 0.999"),
         (a.save_every < 1, f"--save-every {a.save_every}: give at least 1 step"),
         (a.log_every < 1, f"--log-every {a.log_every}: give at least 1 step"),
@@ -378,6 +387,8 @@ def check_args(a, start=0):
          f"--out {a.out} is a file, not a folder for runs: pick another --out"),
         (not data_exists(a.data), f"--data {a.data}: no such folder or shard (shards: a list of .tar paths, a "
                                   f"glob or a brace pattern such as 'data/{{00000..00099}}.tar')"),
+        (a.head_start_data is not None and not data_exists(a.head_start_data),
+         f"--head-start-data {a.head_start_data}: no such folder or shard"),
     ]
     for bad, message in checks:
         if bad:
@@ -519,6 +530,8 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     if is_shapes(a.data):                                 # its whole grammar, once: ~2 s
         enc.warm([""] + shapes.all_captions())
     get_batch = open_data(a.data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae, dev)
+    head_batch = (open_data(a.head_start_data, cfg, a.batch_size // a.grad_accum, a.seed, rank, world, a.workers, vae,
+                            dev) if a.head_start and a.head_start_data else get_batch)
     st = runs.load_checkpoint(run, cfg.K) if a.resume else None
     model, step_fn, opt, ema, resumed = build(cfg, a, st, distributed, run, init)
     fitted = init is not None and cfg.bridge == "scale-shift"    # the release's bridge comes fitted
@@ -539,7 +552,8 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               + ("; the first steps include compiling (~2 min on 2 CPU cores the first time, seconds once cached)" if a.compile else ""))
         old_steps = (meta or {}).get("args", {}).get("steps") if start else None
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
-            lr_at = lambda n: learning_rate(a.lr, start, start / n, a.warmup, a.phases)
+            at = lambda n: (start - round(a.head_start * n), n - round(a.head_start * n))   # (joint step, of)
+            lr_at = lambda n: learning_rate(a.lr, at(n)[0], at(n)[0] / at(n)[1], a.warmup, a.phases)
             print(f"--steps {a.steps}: the schedule now spans {a.steps} steps, so at step {start} the lr is "
                   f"{lr_at(a.steps):.2e} (it was {lr_at(old_steps):.2e} of the {old_steps}-step schedule)")
 
@@ -554,17 +568,29 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     bar = tqdm(total=int(budget) if budget else total, initial=int(elapsed) if budget else start,
                unit="s" if budget else "it", disable=not master, dynamic_ncols=True)
     step = start
+    # the head start: the first fraction F of the run (steps, or the time budget) trains stage 1
+    # alone at pure noise, where the layout is chosen (EXPERIMENTS.md 7(f)); the phases then
+    # run over the rest, from step `joined` (a time budget's is known once reached: config.json)
+    F = a.head_start
+    joined = round(F * total) if budget is None else meta.get("joined_at")
     while step < total and not stop["signal"] and step != a.stop_at:
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
-        ratios = stage_ratios(cfg, progress, a.phases)
-        lr = learning_rate(a.lr, step, progress, a.warmup, a.phases)
+        head = step < joined if joined is not None else progress < F
+        if not head and joined is None:
+            joined = meta["joined_at"] = step
+        if head:
+            ratios, lr = (1,) + (0,) * (cfg.K - 1), learning_rate(a.lr, step, 0.0, a.warmup, a.phases)
+        else:      # the warmup starts again, for the stages that join now
+            progress = (step - joined) / (total - joined) if budget is None else (progress - F) / (1 - F)
+            ratios = stage_ratios(cfg, progress, a.phases)
+            lr = learning_rate(a.lr, step - joined, progress, a.warmup, a.phases)
         for group in opt.param_groups:
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
-        stage_sum, stage_n = accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, cfg.K,
-                                                  rank, world, distributed)
+        stage_sum, stage_n = accumulate_gradients(step_fn, head_batch if head else get_batch, enc, a, step, ratios,
+                                                  weights, cfg.K, rank, world, distributed, 1.0 if head else 0.0)
         grad_norm = clip_gradients(model)
         check_finite(stage_sum, grad_norm, step, a, run, saved)
         optimizer_step(model, opt, ema, a.ema, step)
@@ -651,9 +677,10 @@ def build(cfg, a, st, distributed, run, init=None):
     return model, step_fn, opt, ema, resumed
 
 
-def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, rank, world, distributed):
-    """Forward and backward over the step's --grad-accum micro-batches (caption drop for CFG).
-    Returns the per-stage loss sums and sample counts of the global batch."""
+def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, rank, world, distributed,
+                         start_share=0.0):
+    """Forward and backward over the step's --grad-accum micro-batches (caption drop for CFG);
+    start_share as in nami_loss. Returns the per-stage loss sums and sample counts of the global batch."""
     dev = torch.device(a.device)
     stage_sum, stage_n = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
     for micro in range(a.grad_accum):
@@ -670,7 +697,7 @@ def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, r
         # that arrive in fp32 (time embeddings, RoPE, text states) to meet them
         with ctx, torch.autocast(dev.type, torch.bfloat16, enabled=a.dtype == "bf16" or a.fsdp):
             loss, per, counts = step_fn(x, text, ratios, weights, None if native is None else native.to(dev),
-                                        g, (rank, world))
+                                        g, (rank, world), start_share)
             (loss / a.grad_accum).backward()
         for k in per:
             stage_sum[k - 1] += per[k].item() * counts[k]

@@ -306,7 +306,7 @@ def test_learning_rate_and_phase_schedule(trained, tmp_path):
     assert (cifar.phases, cifar.beta2) == ("paper", 0.99)
 
 
-def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_path, monkeypatch):
+def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_path, monkeypatch, capsys):
     # --head-start 0.5 of 10 steps: steps 1-5 train stage 1 alone (ratios 1:0:0) on the head
     # start's position captions, steps 6-10 the phases on --data over the rest of the run: their
     # warmup starts again, and tiny's lr decay over the last 30% of the phases covers step 10
@@ -320,6 +320,10 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
     assert [r["stage_loss"][1] for r in log[:5]] == [1.0] * 5 and log[5]["stage_loss"][1] != 1.0
     assert [r["lr"] for r in log] == pytest.approx([2.5e-3] + [5e-3] * 4 + [2.5e-3] + [5e-3] * 3 + [5e-3 * 0.2 / 0.3])
     assert forms[:5] == [(0, 0, 0, 1)] * 5 and forms[5:10] == [None] * 5
+    # more steps on resume: the head start is then 10 of 20, so step 10 starts the phases' warmup
+    capsys.readouterr()
+    train.main(["--resume", run, "--steps", "20", "--stop-at", "11"])
+    assert "at step 10 the lr is 2.50e-03 (it was 0.00e+00 of the 10-step schedule)" in capsys.readouterr().out
     # the preset's head start is on the shapes world's position captions, and only there
     settle = lambda *flags: train.settle_args(*train.parse_args(list(flags)))[0]
     assert (settle().head_start, settle().head_start_data) == (nami.TRAIN["tiny"]["head_start"], "shapes:forms=0:0:0:1")

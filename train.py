@@ -254,7 +254,7 @@ def parser():
     p.add_argument("--ema", type=float)
     p.add_argument("--phases", choices=list(nami.PHASES), help="resolution ratios over the run (nami.PHASES; default: the preset's)")
     p.add_argument("--head-start", type=float, metavar="F", help="train stage 1 alone, every sample at pure noise, for "
-                   "this fraction of the run before the phases (0: none; default: the preset's; EXPERIMENTS.md 7(f))")
+                   "this fraction of the run before the phases (0: none; default: the preset's; EXPERIMENTS.md 7(f)-(g))")
     p.add_argument("--head-start-data", metavar="SPEC", help="the head start's --data (default: the preset's on the "
                    "shapes world, else --data)")
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
@@ -537,6 +537,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     fitted = init is not None and cfg.bridge == "scale-shift"    # the release's bridge comes fitted
     del st, init
     start, elapsed, loss_ema = resumed
+    old_steps = (meta or {}).get("args", {}).get("steps") if start else None   # before this run's flags replace them
     # what config.json records: the flags this run trains with, typed now or carried over
     meta = {**(meta or {}), "preset": a.preset, "model": asdict(cfg), "data": a.data, "text_encoder": enc.id,
             "vae": cfg.vae, "args": {k: v for k, v in vars(a).items() if k not in TRANSIENT},
@@ -550,10 +551,12 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               + (f", from step {start}" if start else ""))
         print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
               + ("; the first steps include compiling (~2 min on 2 CPU cores the first time, seconds once cached)" if a.compile else ""))
-        old_steps = (meta or {}).get("args", {}).get("steps") if start else None
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
-            at = lambda n: (start - round(a.head_start * n), n - round(a.head_start * n))   # (joint step, of)
-            lr_at = lambda n: learning_rate(a.lr, at(n)[0], at(n)[0] / at(n)[1], a.warmup, a.phases)
+            def lr_at(n):                                 # at `start` of an n-step schedule
+                h = round(a.head_start * n)               # its head start's steps
+                if start < h:
+                    return learning_rate(a.lr, start, 0.0, a.warmup, a.phases)
+                return learning_rate(a.lr, start - h, (start - h) / (n - h), a.warmup, a.phases)
             print(f"--steps {a.steps}: the schedule now spans {a.steps} steps, so at step {start} the lr is "
                   f"{lr_at(a.steps):.2e} (it was {lr_at(old_steps):.2e} of the {old_steps}-step schedule)")
 
@@ -569,7 +572,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
                unit="s" if budget else "it", disable=not master, dynamic_ncols=True)
     step = start
     # the head start: the first fraction F of the run (steps, or the time budget) trains stage 1
-    # alone at pure noise, where the layout is chosen (EXPERIMENTS.md 7(f)); the phases then
+    # alone at pure noise, where the layout is chosen (EXPERIMENTS.md 7(f)-(g)); the phases then
     # run over the rest, from step `joined` (a time budget's is known once reached: config.json)
     F = a.head_start
     joined = round(F * total) if budget is None else meta.get("joined_at")

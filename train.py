@@ -76,6 +76,20 @@ def learning_rate(base, step, progress, warmup, phases="paper"):
     return base * phase(progress, 3, phases)[1] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
 
+def schedule(a, cfg, step, total, progress, joined):
+    """(in the head start?, stage ratios, lr) at `step` of a `total`-step run (None: a time
+    budget), `progress` (0..1) through it, the phases begun at step `joined` (None: not yet
+    known, under a time budget). The head start, the run's first a.head_start, trains stage 1
+    alone at pure noise, where the layout is chosen (EXPERIMENTS.md 7(f)-(g)); the phases then
+    run over the rest, their warmup started again for the stages that join there."""
+    head = step < joined if joined is not None else progress < a.head_start
+    if head:
+        return True, (1,) + (0,) * (cfg.K - 1), learning_rate(a.lr, step, 0.0, a.warmup, a.phases)
+    joined = step if joined is None else joined
+    p = (step - joined) / (total - joined) if total else (progress - a.head_start) / (1 - a.head_start)
+    return False, stage_ratios(cfg, p, a.phases), learning_rate(a.lr, step - joined, p, a.warmup, a.phases)
+
+
 def dynamic_weights(stage_loss_ema):
     """Per-stage loss weights w_k = mean_j(L_j) / L_k from smoothed stage losses L_k: every
     stage is weighted by the inverse of its own loss scale, so the noisiest window (largest
@@ -316,7 +330,7 @@ def settle_args(a, given):
         meta = runs.read_meta(a.resume)
         saved = {k: v for k, v in check_saved_args(meta.get("args", {}), path).items() if k != "device"}
         # a run saved before --phases and --beta2 existed trained with the paper's phases and 0.99
-        a = argparse.Namespace(**{**vars(a), "phases": "paper", "beta2": 0.99, "head_start": 0, **saved, **TRANSIENT, **given})
+        a = argparse.Namespace(**{**vars(a), "phases": "paper", "beta2": 0.99, **saved, **TRANSIENT, **given})
     else:
         meta = None
         if a.init_from and "preset" not in given:         # fine-tuning: the recipe of the weights' preset
@@ -552,11 +566,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
         print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
               + ("; the first steps include compiling (~2 min on 2 CPU cores the first time, seconds once cached)" if a.compile else ""))
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
-            def lr_at(n):                                 # at `start` of an n-step schedule
-                h = round(a.head_start * n)               # its head start's steps
-                if start < h:
-                    return learning_rate(a.lr, start, 0.0, a.warmup, a.phases)
-                return learning_rate(a.lr, start - h, (start - h) / (n - h), a.warmup, a.phases)
+            lr_at = lambda n: schedule(a, cfg, start, n, start / n, round(a.head_start * n))[2]
             print(f"--steps {a.steps}: the schedule now spans {a.steps} steps, so at step {start} the lr is "
                   f"{lr_at(a.steps):.2e} (it was {lr_at(old_steps):.2e} of the {old_steps}-step schedule)")
 
@@ -571,24 +581,16 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     bar = tqdm(total=int(budget) if budget else total, initial=int(elapsed) if budget else start,
                unit="s" if budget else "it", disable=not master, dynamic_ncols=True)
     step = start
-    # the head start: the first fraction F of the run (steps, or the time budget) trains stage 1
-    # alone at pure noise, where the layout is chosen (EXPERIMENTS.md 7(f)-(g)); the phases then
-    # run over the rest, from step `joined` (a time budget's is known once reached: config.json)
-    F = a.head_start
-    joined = round(F * total) if budget is None else meta.get("joined_at")
+    # the step the phases begin after the head start; a time budget's is known once reached,
+    # and config.json keeps it for --resume
+    joined = round(a.head_start * total) if budget is None else meta.get("joined_at")
     while step < total and not stop["signal"] and step != a.stop_at:
         progress = (time.time() - t0) / budget if budget else step / total
         if progress >= 1:
             break
-        head = step < joined if joined is not None else progress < F
+        head, ratios, lr = schedule(a, cfg, step, None if budget else total, progress, joined)
         if not head and joined is None:
             joined = meta["joined_at"] = step
-        if head:
-            ratios, lr = (1,) + (0,) * (cfg.K - 1), learning_rate(a.lr, step, 0.0, a.warmup, a.phases)
-        else:      # the warmup starts again, for the stages that join now
-            progress = (step - joined) / (total - joined) if budget is None else (progress - F) / (1 - F)
-            ratios = stage_ratios(cfg, progress, a.phases)
-            lr = learning_rate(a.lr, step - joined, progress, a.warmup, a.phases)
         for group in opt.param_groups:
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None

@@ -18,7 +18,7 @@ counted by torch's FLOP counter on the meta device for the very same sampler cal
 
 Training speed and the peer:
   python bench.py --train                                  # the default tiny training step, eager and compiled
-  python bench.py --train --against ../old-checkout        # ... timed alternately against another checkout
+  python bench.py --train --against ../old-checkout        # ... alternately against another checkout (eager, compiled)
   python bench.py --vs-diffusers --preset cifar            # our MM-DiT forward vs diffusers' FluxTransformer2DModel
 
 GPU (one H100/H200, <= 8 minutes, random weights, stand-in encoders): python bench.py --gpu-check
@@ -272,8 +272,10 @@ def train_flops(cfg, batch, ratios):
 def train_bench(a):
     here = os.path.dirname(os.path.abspath(__file__))
     kinds = [("this checkout, eager", here, False), ("this checkout, compiled", here, True)]
-    if a.against:
+    if a.against:                                         # and compiled, where that checkout can compile
         kinds.append((f"{a.against}, eager", a.against, False))
+        if "def compile_stages(" in open(os.path.join(a.against, "nami.py")).read():
+            kinds.append((f"{a.against}, compiled", a.against, True))
     workers = []
     for name, src, compiled in kinds:
         cmd = [sys.executable, os.path.join(here, "bench.py"), "--train-worker", src, "--preset", a.preset]
@@ -309,7 +311,7 @@ def train_bench(a):
                      "max_ms": round(max(t) * 1e3, 1), "img_per_s": round(batch / med, 1),
                      "gflop_per_s": round(flops / med / 1e9, 1), "warmup_s": round(ready[name]["warmup_s"], 1),
                      "steps_timed": len(t)})
-    base = rows[-1]["img_per_s"] if a.against else rows[0]["img_per_s"]
+    base = rows[2]["img_per_s"] if a.against else rows[0]["img_per_s"]     # x: against the other's eager step
     print(f"\n{a.preset}: batch {batch}, ratios {ratios}, {flops / 1e9:.1f} GFLOP per step (analytic)")
     for row in rows:
         print(f"{row['kind']:>40}: {row['ms_per_step']:7.1f} ms ({row['min_ms']:.0f}-{row['max_ms']:.0f}), "

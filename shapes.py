@@ -36,11 +36,13 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 FORMS = ("single", "counting", "two_objects", "position")  # caption forms 1..4
+_COLOUR_NAMES = tuple(COLOURS)
 CATEGORIES = ("single", "counting", "two_objects", "position", "attribution")
 
 IMAGE_SIZE = 32
 MIN_SIDE, MAX_SIDE = 8, 12
 MIN_OFFSET = 6  # px: generated relations are at least this clear along their main axis
+TRIES = 16      # candidate layouts drawn and tested at once per scene by sample_scenes
 NUMBERS = {2: "two", 3: "three"}
 # train.py's end-of-run picture (and assets/): one prompt of every caption form
 PREVIEW_PROMPTS = ["a red circle", "a green square", "a blue triangle", "two yellow squares",
@@ -82,6 +84,10 @@ def _mask(shape, side):
     m.setflags(write=False)  # cached and shared: nobody may edit it in place
     ys, xs = np.nonzero(m)
     return m, (xs.mean() + 0.5, ys.mean() + 0.5)
+
+
+# (shape, side - MIN_SIDE, 2): every legal object's centroid (x, y) in its own box
+_CENTRES = np.array([[_mask(s, d)[1] for d in range(MIN_SIDE, MAX_SIDE + 1)] for s in SHAPES])
 
 
 def centroid(obj):
@@ -131,39 +137,65 @@ def _caption(form, kinds, relation=None):
     return f"a {c1} {s1} {link} a {c2} {s2}"
 
 
-def sample_scene(rng, form=None, weights=None):
-    """Random (caption, objects) for one image; form None = drawn from FORMS (uniform, or in
-    proportion to `weights`)."""
-    if form is None:
-        form = FORMS[rng.choice(len(FORMS), p=np.asarray(weights) / sum(weights)) if weights else rng.integers(len(FORMS))]
-    if form not in FORMS:
+def sample_scenes(rng, n, form=None, weights=None):
+    """n random (caption, objects) scenes; form None = each drawn from FORMS (uniform, or in
+    proportion to `weights`). Vectorised over the scenes: a batch's data was ~8% of a training
+    step when every scene made its own generator calls (each costs ~10 us)."""
+    if form is not None and form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS} or None")
-    colours = list(COLOURS)
-    pick = lambda: (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])
-    relation = None
-    if form == "single":
-        kinds = [pick()]
-    elif form == "counting":
-        kinds = [pick()] * int(rng.integers(2, 4))
+    if form is not None:
+        f = np.full(n, FORMS.index(form))
+    elif weights:
+        f = np.searchsorted(np.cumsum(weights) / sum(weights), rng.random(n), side="right").clip(max=len(FORMS) - 1)
     else:
-        kinds = [pick(), pick()]
-        while kinds[1] == kinds[0]:  # the grammar needs two different (colour, shape) pairs
-            kinds[1] = pick()
-        if form == "position":
-            relation = RELATIONS[rng.integers(len(RELATIONS))]
+        f = rng.integers(len(FORMS), size=n)
+    # colour and shape of objects 1 and 2, the relation, and three objects instead of two (counting)
+    c1, s1, c2, s2, rel, three = rng.integers((len(COLOURS), len(SHAPES)) * 2 + (len(RELATIONS), 2), size=(n, 6)).T
+    pairs = f >= 2                                    # two_objects, position: two different (colour, shape)
+    while (same := np.flatnonzero(pairs & (c1 == c2) & (s1 == s2))).size:
+        c2[same], s2[same] = rng.integers((len(COLOURS), len(SHAPES)), size=(same.size, 2)).T
+    count = np.select([f == 0, f == 1], [1, 2 + three], 2)                     # objects per scene
+    colour = np.stack([c1, np.where(f == 1, c1, c2), c1], 1)                    # (n, 3); slot 3: counting only
+    shape = np.stack([s1, np.where(f == 1, s1, s2), s1], 1)
     # Sizes are drawn once (so they stay uniform), then positions by rejection sampling until
-    # nothing touches and the relation is unambiguous. The hardest case, three 12 px boxes,
-    # takes ~30 tries on average, well under a millisecond.
-    sides = rng.integers(MIN_SIDE, MAX_SIDE + 1, len(kinds))
-    while True:
-        xy = rng.integers(0, IMAGE_SIZE - sides + 1, (2, len(kinds)))
-        objects = [(c, s, int(x), int(y), int(d)) for (c, s), x, y, d in zip(kinds, *xy, sides)]
-        if not all(_apart(p, q) for i, p in enumerate(objects) for q in objects[i + 1:]):
-            continue
-        if relation and not relation_holds(relation, centroid(objects[0]), centroid(objects[1]),
-                                           MIN_OFFSET):
-            continue
-        return _caption(form, kinds, relation), objects
+    # nothing touches and the relation is unambiguous: each scene keeps the first acceptable of
+    # i.i.d. uniform tries, drawn TRIES at a time. The hardest case, three 12 px boxes, accepts
+    # ~1 try in 30.
+    sides = rng.integers(MIN_SIDE, MAX_SIDE + 1, (n, 3))
+    centre = _CENTRES[shape, sides - MIN_SIDE]                                  # (n, 3, 2) in each box
+    xy = np.zeros((n, 2, 3), np.int64)
+    todo = np.arange(n)
+    while todo.size:
+        sd, k = sides[todo], count[todo]
+        cand = rng.integers(0, IMAGE_SIZE - sd[None, :, None, :] + 1, (TRIES, todo.size, 2, 3))   # (T, m, x|y, object)
+        x, y = cand[:, :, 0], cand[:, :, 1]                                     # (T, m, 3)
+        ok = np.ones(x.shape[:2], bool)
+        for i, j in ((0, 1), (0, 2), (1, 2)):         # boxes at least 1 px apart on some axis
+            apart = ((x[..., j] > x[..., i] + sd[:, i]) | (x[..., i] > x[..., j] + sd[:, j])
+                     | (y[..., j] > y[..., i] + sd[:, i]) | (y[..., i] > y[..., j] + sd[:, j]))
+            ok &= apart | (j >= k)                    # only between objects the scene has
+        # relation_holds on the centroids: dx > 0 = object 1 left of object 2, dy > 0 = above
+        dx = x[..., 1] + centre[todo, 1, 0] - x[..., 0] - centre[todo, 0, 0]
+        dy = y[..., 1] + centre[todo, 1, 1] - y[..., 0] - centre[todo, 0, 1]
+        r = rel[todo]
+        main = np.choose(r, [dx, -dx, dy, -dy])       # RELATIONS' order: left of, right of, above, below
+        other = np.where(r < 2, dy, dx)
+        ok &= (f[todo] != 3) | ((main > np.abs(other)) & (main >= MIN_OFFSET))
+        hit = ok.any(0)
+        first = ok.argmax(0)[hit]
+        xy[todo[hit]] = cand[first, np.flatnonzero(hit)]
+        todo = todo[~hit]
+    scenes = []
+    for i in range(n):
+        kinds = [(_COLOUR_NAMES[colour[i, j]], SHAPES[shape[i, j]]) for j in range(count[i])]
+        objects = [(c, s, int(xy[i, 0, j]), int(xy[i, 1, j]), int(sides[i, j])) for j, (c, s) in enumerate(kinds)]
+        scenes.append((_caption(FORMS[f[i]], kinds, RELATIONS[rel[i]]), objects))
+    return scenes
+
+
+def sample_scene(rng, form=None, weights=None):
+    """One random (caption, objects) scene, as sample_scenes."""
+    return sample_scenes(rng, 1, form, weights)[0]
 
 
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
@@ -214,17 +246,13 @@ def make_batch(n, seed, index=0, forms=None, mirror=False):
     followed by its mirrored twin (a direct contrast for the relation word)."""
     rng = np.random.default_rng([seed, index])  # SeedSequence mixes both: no overlapping streams
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    captions, i = [], 0
-    while i < n:
-        caption, objects = sample_scene(rng, weights=forms)
-        scenes = [(caption, objects)]
+    captions = []
+    for caption, objects in sample_scenes(rng, n, weights=forms):
         twin = mirrored(caption, objects) if mirror else None
-        if twin and i + 1 < n:
-            scenes.append(twin)
-        for caption, objects in scenes:
-            images[i] = render(objects)
-            captions.append(caption)
-            i += 1
+        for caption, objects in [(caption, objects)] + ([twin] if twin else []):
+            if len(captions) < n:
+                images[len(captions)] = render(objects)
+                captions.append(caption)
     return images, captions
 
 

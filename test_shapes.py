@@ -124,6 +124,49 @@ def test_make_batch_deterministic():
     assert {GRAMMAR[c][0] for c in captions} == set(shapes.FORMS)
 
 
+def reference_layout(rng, sides, relation=None):
+    """Positions the plain way, one try at a time: uniform top-left corners inside the image
+    until every pair of boxes is >= 1 px apart and, for a relation, object 1's pixel centroid
+    lies >= 6 px that way from object 2's and further along that axis than across it."""
+    while True:
+        xy = [(int(rng.integers(0, 33 - d)), int(rng.integers(0, 33 - d))) for d in sides]
+        boxes = [(x, y, x + d, y + d) for (x, y), d in zip(xy, sides)]
+        if any(not (b[0] > a[2] or a[0] > b[2] or b[1] > a[3] or a[1] > b[3])
+               for a, b in itertools.combinations(boxes, 2)):
+            continue
+        if relation:
+            (cx1, cy1), (cx2, cy2) = (pixel_centroid(object_mask((c, s, x, y, d))) for (c, s, d), (x, y)
+                                      in zip(relation[1], xy))
+            dx, dy = cx2 - cx1, cy2 - cy1
+            main, other = {"to the left of": (dx, dy), "to the right of": (-dx, dy), "above": (dy, dx),
+                           "below": (-dy, dx)}[relation[0]]
+            if not (main > abs(other) and main >= 6):
+                continue
+        return xy
+
+
+def test_layouts_follow_plain_rejection_sampling():
+    """sample_scenes tests many tries at once per scene; its layouts must be distributed as
+    one-try-at-a-time rejection sampling's (chi-square homogeneity over position bins, for the
+    the most crowded case, three boxes, and for a relation, where the acceptance test matters)."""
+    rng, ref = np.random.default_rng(5), np.random.default_rng(6)
+    ours = [o for _, o in shapes.sample_scenes(rng, 1500, "counting") if len(o) == 3][:600]
+    theirs = [reference_layout(ref, [side for *_, side in o]) for o in ours]
+    left = [o for c, o in shapes.sample_scenes(rng, 3000, "position") if " to the left of " in c][:600]
+    left_ref = [reference_layout(ref, [o[0][4], o[1][4]], ("to the left of", [(*o[0][:2], o[0][4]), (*o[1][:2], o[1][4])]))
+                for o in left]
+    assert len(ours) == len(left) == 600
+    for a, b, key in [([o[0][2] for o in ours], [xy[0][0] for xy in theirs], "x of object 1, three boxes"),
+                      ([o[1][3] for o in ours], [xy[1][1] for xy in theirs], "y of object 2, three boxes"),
+                      ([o[1][2] - o[0][2] for o in left], [q[0] - p[0] for p, q in left_ref], "x gap, left of"),
+                      ([o[1][3] - o[0][3] for o in left], [q[1] - p[1] for p, q in left_ref], "y gap, left of")]:
+        edges = np.quantile(a + b, np.linspace(0, 1, 7)[1:-1])
+        table = np.array([np.bincount(np.searchsorted(edges, v, side="right"), minlength=6) for v in (a, b)])
+        expected = table.sum(1, keepdims=True) * table.sum(0) / table.sum()
+        chi2 = ((table - expected) ** 2 / expected).sum()
+        assert chi2 < 20.5, (key, table)              # 5 degrees of freedom: p = 0.001
+
+
 def test_scorer_perfect_on_clean_renders(scenes):
     captions = [c for c, _ in scenes]
     result = shapes.evaluate(captions, [shapes.render(o) for _, o in scenes])

@@ -549,7 +549,8 @@ def generate(model, enc, prompts, steps, cfg_scale=1.0, seed=0, transition="reno
     size = R * (vae.factor if vae is not None else 1)
     out, ends = [], None
     batches = range(0, len(prompts), batch_size)
-    for i in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 3, leave=False):
+    # disable= only when true: an explicit False would override TQDM_DISABLE=1
+    for i in tqdm(batches, desc="sampling", unit="batch", leave=False, **({"disable": True} if len(batches) < 3 else {})):
         chunk = prompts[i: i + batch_size]
         text, uncond = data.encode_text(enc, chunk, dev), data.encode_text(enc, [negative] * len(chunk), dev)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dtype == "bf16"):

@@ -134,7 +134,9 @@ def test_atomic_write_keeps_the_previous_file(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; schedulers, docker stop
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, sig):
     cmd = [sys.executable, "train.py", *MINI, "--out", str(tmp_path), "--name", "c", "--steps", "100000"]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    quiet = sig == signal.SIGTERM                     # and tqdm's TQDM_DISABLE=1 silences the bar
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"} if quiet else None)
     log = tmp_path / "c" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
@@ -143,6 +145,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, si
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert f"stopped by {sig.name}" in out and "train.py --resume" in out
+    assert ("/100000 [" in out) != quiet
     step = int(state(str(tmp_path / "c"))["step"])
     assert step >= 2 and json.load(open(tmp_path / "c" / "config.json"))["step"] == step
 

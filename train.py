@@ -577,9 +577,10 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
     total = a.steps if budget is None else 1 << 62
     t0 = time.time() - elapsed                            # a resumed time budget goes on where it stopped
     t_start, seen, saved = time.time(), 0, start if a.resume else None
-    # a time budget's bar counts seconds of it, a step count's steps
+    # a time budget's bar counts seconds of it, a step count's steps; disable= only when true,
+    # as an explicit False would override TQDM_DISABLE=1 (which keeps background logs small)
     bar = tqdm(total=int(budget) if budget else total, initial=int(elapsed) if budget else start,
-               unit="s" if budget else "it", disable=not master, dynamic_ncols=True)
+               unit="s" if budget else "it", dynamic_ncols=True, **({} if master else {"disable": True}))
     step = start
     # the step the phases begin after the head start; a time budget's is known once reached,
     # and config.json keeps it for --resume

@@ -219,9 +219,10 @@ PHASES = {
 # fp32 on CPUs. tiny's 2,700 steps: the same model for everyone. The first 22% (600 steps) are
 # a head start, stage 1 alone at pure noise on position captions: the joint loss almost never
 # trains window 1's very start, where a sample's layout is chosen, and without it relations
-# stay at chance (EXPERIMENTS.md 7(e)-(g)); ~14 min on 2 quiet CPU cores. Its batch 192: at
-# its 4:8:1 mix most samples train the cheap 8/16 px stages, where a CPU step is mostly
-# per-operator overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment
+# stay at chance (EXPERIMENTS.md 7(e)-(g)); 12-13 min on 2 quiet CPU cores, ~2.3 min more
+# compiling on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
+# the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x
+# the images/s of 64. beta2 is AdamW's second-moment
 # decay: tiny's 0.95 (a ~20-step memory instead of ~100) is what lets it take lr 5e-3; either
 # change alone gained nothing (EXPERIMENTS.md).
 TRAIN = {

@@ -222,9 +222,9 @@ PHASES = {
 # stay at chance (EXPERIMENTS.md 7(e)-(g)); 12-13 min on 2 quiet CPU cores, ~2.3 min more
 # compiling on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
 # the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x
-# the images/s of 64. beta2 is AdamW's second-moment
-# decay: tiny's 0.95 (a ~20-step memory instead of ~100) is what lets it take lr 5e-3; either
-# change alone gained nothing (EXPERIMENTS.md).
+# the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
+# instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
+# (EXPERIMENTS.md).
 TRAIN = {
     "tiny": dict(steps=2700, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
                  cfg=3.0, sample_steps="10,10,10", phases="tiny", compile=True,

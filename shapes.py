@@ -118,11 +118,6 @@ def relation_holds(relation, a, b, margin=0.0):
     return main > abs(other) and main >= margin
 
 
-def _apart(p, q):
-    """True if two objects' boxes leave at least one empty pixel between them on some axis."""
-    (_, _, xp, yp, sp), (_, _, xq, yq, sq) = p, q
-    return xq > xp + sp or xp > xq + sq or yq > yp + sp or yp > yq + sq
-
 # ----------------------------------------------------------------------------- captions
 
 

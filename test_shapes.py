@@ -147,7 +147,7 @@ def reference_layout(rng, sides, relation=None):
 
 def test_layouts_follow_plain_rejection_sampling():
     """sample_scenes tests many tries at once per scene; its layouts must be distributed as
-    one-try-at-a-time rejection sampling's (chi-square homogeneity over position bins, for the
+    one-try-at-a-time rejection sampling's (chi-square homogeneity over position bins, for
     the most crowded case, three boxes, and for a relation, where the acceptance test matters)."""
     rng, ref = np.random.default_rng(5), np.random.default_rng(6)
     ours = [o for _, o in shapes.sample_scenes(rng, 1500, "counting") if len(o) == 3][:600]

@@ -115,7 +115,7 @@ def relation_holds(relation, a, b, margin=0.0):
     dx, dy = b[0] - a[0], b[1] - a[1]  # dx > 0: a is left of b; dy > 0: a is above b (y down)
     main, other = {"to the left of": (dx, dy), "to the right of": (-dx, dy),
                    "above": (dy, dx), "below": (-dy, dx)}[relation]
-    return main > abs(other) and main >= margin
+    return (main > abs(other)) & (main >= margin)       # elementwise for arrays of centroids
 
 
 # ----------------------------------------------------------------------------- captions
@@ -169,13 +169,10 @@ def sample_scenes(rng, n, form=None, weights=None):
             apart = ((x[..., j] > x[..., i] + sd[:, i]) | (x[..., i] > x[..., j] + sd[:, j])
                      | (y[..., j] > y[..., i] + sd[:, i]) | (y[..., i] > y[..., j] + sd[:, j]))
             ok &= apart | (j >= k)                    # only between objects the scene has
-        # relation_holds on the centroids: dx > 0 = object 1 left of object 2, dy > 0 = above
-        dx = x[..., 1] + centre[todo, 1, 0] - x[..., 0] - centre[todo, 0, 0]
-        dy = y[..., 1] + centre[todo, 1, 1] - y[..., 0] - centre[todo, 0, 1]
-        r = rel[todo]
-        main = np.choose(r, [dx, -dx, dy, -dy])       # RELATIONS' order: left of, right of, above, below
-        other = np.where(r < 2, dy, dx)
-        ok &= (f[todo] != 3) | ((main > np.abs(other)) & (main >= MIN_OFFSET))
+        cen1, cen2 = (np.stack([x[..., i] + centre[todo, i, 0], y[..., i] + centre[todo, i, 1]]) for i in (0, 1))
+        for q, relation in enumerate(RELATIONS):      # (2, T, m) centroids; each scene's own relation
+            ask = (f[todo] == 3) & (rel[todo] == q)
+            ok[:, ask] &= relation_holds(relation, cen1[:, :, ask], cen2[:, :, ask], MIN_OFFSET)
         hit = ok.any(0)
         first = ok.argmax(0)[hit]
         xy[todo[hit]] = cand[first, np.flatnonzero(hit)]

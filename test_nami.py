@@ -310,7 +310,11 @@ class Oracle(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros((), dtype=x_star.dtype))
         self.calls = []
 
-    def forward(self, x, sigma, text, stage, depth):
+    def conditioning(self, t, pooled, stage, depth):
+        return [t]       # the sampler computes a window's conditioning ahead: here, the time
+
+    def forward(self, x, sigma, text, stage, depth, cond=None):
+        sigma = sigma if cond is None else cond[0]
         self.calls.append((stage, depth, x.shape[-1]))
         xk = self.x_star
         for _ in range(self.cfg.K - stage):
@@ -558,6 +562,32 @@ def test_sampler_shapes_variants_and_determinism():
         nami.sample(m, t, resolution=36)
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_window_conditioning_computed_at_once_equals_every_step_on_its_own(cfg_scale):
+    # sample() computes a window's adaLN conditioning for all its steps in one call; here a
+    # plain Euler loop that runs the whole model at every step (time through the model's
+    # forward, CFG as two separate calls), with the sampler's own noise draws
+    m = tiny_model(windows=(1, 1, 1))
+    t, u = text(2), text(2, T=5, seed=5)
+    steps = (2, 3, 4)
+    out, _ = nami.sample(m, t, u, steps=steps, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = 2 * (2 * pool2(pool2(torch.randn(2, 3, 32, 32, generator=g))))    # start_noise: halved twice
+    with torch.no_grad():
+        for i, ((s, e), n) in enumerate(zip(m.cfg.bounds(), steps)):
+            if i:
+                z = torch.randn(2, 3, 2 * x.shape[-1], 2 * x.shape[-1], generator=g)
+                x = nami.renoise(x, 1 - m.cfg.bounds()[i - 1][1], z)
+            for sg, sg_next in zip(torch.linspace(s, e, n + 1)[:-1], torch.linspace(s, e, n + 1)[1:]):
+                sig = torch.full((2,), float(sg))
+                v = m(x, sig, t, stage=i + 1)
+                if cfg_scale != 1.0:
+                    vu = m(x, sig, u, stage=i + 1)
+                    v = vu + cfg_scale * (v - vu)
+                x = x + (sg_next - sg) * v
+    assert torch.allclose(out, x, atol=1e-4), (out - x).abs().max()
+
+
 # ---------------------------------------------------------------- loss
 
 def test_exact_stage_split():
@@ -790,7 +820,11 @@ class LineOracle(torch.nn.Module):
         self.cfg, self.x_star, self.calls = cfg, x_star, []
         self.dummy = torch.nn.Parameter(torch.zeros((), dtype=x_star.dtype))
 
-    def forward(self, x, sigma, text, stage, depth):
+    def conditioning(self, t, pooled, stage, depth):
+        return [t]       # the sampler computes a window's conditioning ahead: here, the time
+
+    def forward(self, x, sigma, text, stage, depth, cond=None):
+        sigma = sigma if cond is None else cond[0]
         self.calls.append((stage, depth, x.shape[-1]))
         return (x - self.x_star) / sigma.view(-1, 1, 1, 1).to(x.dtype)
 

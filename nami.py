@@ -794,11 +794,20 @@ def rope_angles(cfg, stage, h, w, text_len):
     return torch.cat(per_axis, -1)
 
 
+def rope_tables(angles):
+    """(cos, sin) tables (N, Dh) for apply_rope from angles (N, Dh/2): each angle twice, the
+    sine with the sign of its place in the pair (-, +)."""
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, -1).float(), torch.stack([-sin, sin], -1).flatten(-2).float()
+
+
 def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by the angles behind
-    cos, sin (N, Dh/2): real arithmetic, so torch.compile generates it like any other op."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
+    """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by their angles:
+    (x_2j cos - x_2j+1 sin, x_2j+1 cos + x_2j sin) = x * cos + swap(x) * sin with rope_tables'
+    signed sine. Real arithmetic (torch.compile generates it like any other op), three passes."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (x_2j+1, x_2j)
+    return torch.addcmul(xf * cos, swapped, sin).type_as(x)
 
 
 def attention(q, k, v, rope, mask):
@@ -826,7 +835,11 @@ def unpatchify(t, C, h, w, p, fh=1, fw=1):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])          # x (1 + scale) + shift, one pass
+
+
+def gated(x, gate, y):
+    return torch.addcmul(x, gate[:, None], y)                             # x + gate y: the gated residual
 
 
 class QKNorm(nn.Module):
@@ -884,9 +897,9 @@ class DoubleBlock(nn.Module):
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
         for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta))[: 2 if self.text_out else 1]:
-            x = x + m[2][:, None] * getattr(self, f"{s}_proj")(att)
+            x = gated(x, m[2], getattr(self, f"{s}_proj")(att))
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[3], m[4])
-            out.append(x + m[5][:, None] * getattr(self, f"{s}_mlp")(h))
+            out.append(gated(x, m[5], getattr(self, f"{s}_mlp")(h)))
         return out if self.text_out else (out[0], None)
 
 
@@ -915,7 +928,7 @@ class SingleBlock(nn.Module):
         # linear2 over [attention, mlp] without materialising the (B, N, 5d) concatenation
         W, d = self.linear2.weight, x.shape[-1]
         out = F.linear(a, W[:, :d], self.linear2.bias) + F.linear(F.gelu(mlp, approximate="tanh"), W[:, d:])
-        return x + gate[:, None] * out
+        return gated(x, gate, out)
 
 
 class Head(nn.Module):
@@ -1023,7 +1036,7 @@ class NAMI(nn.Module):
         if key not in self.tables:                        # built once per (stage, grid, text length)
             ang = rope_angles(cfg, stage, *key[1:4])
             order = sinusoidal(torch.arange(key[3]), cfg.width).to(x.device) if cfg.text_positions else None
-            self.tables[key] = (ang.cos().float().to(x.device), ang.sin().float().to(x.device), order)
+            self.tables[key] = (*(t.to(x.device) for t in rope_tables(ang)), order)
         if cond is None:
             cond = self.conditioning(t, text.pooled, stage, depth)
         return self.stage_forward(x, cond, text.tokens, text.mask, self.tables[key], stage, depth)

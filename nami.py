@@ -794,20 +794,11 @@ def rope_angles(cfg, stage, h, w, text_len):
     return torch.cat(per_axis, -1)
 
 
-def rope_tables(angles):
-    """(cos, sin) tables (N, Dh) for apply_rope from angles (N, Dh/2): each angle twice, the
-    sine with the sign of its place in the pair (-, +)."""
-    cos, sin = angles.cos(), angles.sin()
-    return cos.repeat_interleave(2, -1).float(), torch.stack([-sin, sin], -1).flatten(-2).float()
-
-
 def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by their angles:
-    (x_2j cos - x_2j+1 sin, x_2j+1 cos + x_2j sin) = x * cos + swap(x) * sin with rope_tables'
-    signed sine. Real arithmetic (torch.compile generates it like any other op), three passes."""
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (x_2j+1, x_2j)
-    return torch.addcmul(xf * cos, swapped, sin).type_as(x)
+    """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by the angles behind
+    cos, sin (N, Dh/2): real arithmetic, so torch.compile generates it like any other op."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)], -1).flatten(-2).type_as(x)
 
 
 def attention(q, k, v, rope, mask):
@@ -885,8 +876,10 @@ class DoubleBlock(nn.Module):
         """adaLN parameters (img (B, 6d), txt (B, 6d or 2d)) from c = silu(vec) (B, d)."""
         return self.img_mod(c), self.txt_mod(c)
 
-    def forward(self, img, txt, mod, rope, mask):
-        im, tm = mod[0].chunk(6, -1), mod[1].chunk(6 if self.text_out else 2, -1)
+    def forward(self, img, txt, c, mod, rope, mask):
+        """c: silu(vec) (B, d); mod: modulation(c) if computed ahead (the sampler's), else None."""
+        im, tm = self.modulation(c) if mod is None else mod
+        im, tm = im.chunk(6, -1), tm.chunk(6 if self.text_out else 2, -1)
         qkv = []
         for s, x, m in (("txt", txt, tm), ("img", img, im)):
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[0], m[1])
@@ -918,8 +911,8 @@ class SingleBlock(nn.Module):
     def modulation(self, c):
         return self.mod(c)                                  # (B, 3d): shift, scale, gate
 
-    def forward(self, x, mod, rope, mask):
-        shift, scale, gate = mod.chunk(3, -1)
+    def forward(self, x, c, mod, rope, mask):
+        shift, scale, gate = (self.modulation(c) if mod is None else mod).chunk(3, -1)
         h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * x.shape[-1], self.hidden], -1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
@@ -942,8 +935,8 @@ class Head(nn.Module):
     def modulation(self, c):
         return self.mod(c)                                  # (B, 2d): shift, scale
 
-    def forward(self, x, mod):
-        shift, scale = mod.chunk(2, -1)
+    def forward(self, x, c, mod):
+        shift, scale = (self.modulation(c) if mod is None else mod).chunk(2, -1)
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
 
 
@@ -1023,7 +1016,7 @@ class NAMI(nn.Module):
         """x: (B,C,H,W) noisy input at stage `stage`'s resolution; t: (B,) model time (the
         noise level sigma, or Pyramid Flow's timestep / 1000: see Window); text: Text.
         depth overrides the stage's number of blocks (bench variants). cond: the stage's
-        `conditioning` for (t, text.pooled) if already computed (then t is not read). Returns
+        `conditioning` of (t, text.pooled) if computed ahead (then t is not read). Returns
         the velocity in the config's convention (dx/dsigma, or the window's start - end), (B,C,H,W)."""
         cfg = self.cfg
         stage = cfg.K if stage is None else stage
@@ -1036,10 +1029,18 @@ class NAMI(nn.Module):
         if key not in self.tables:                        # built once per (stage, grid, text length)
             ang = rope_angles(cfg, stage, *key[1:4])
             order = sinusoidal(torch.arange(key[3]), cfg.width).to(x.device) if cfg.text_positions else None
-            self.tables[key] = (*(t.to(x.device) for t in rope_tables(ang)), order)
-        if cond is None:
-            cond = self.conditioning(t, text.pooled, stage, depth)
-        return self.stage_forward(x, cond, text.tokens, text.mask, self.tables[key], stage, depth)
+            self.tables[key] = (ang.cos().float().to(x.device), ang.sin().float().to(x.device), order)
+        c = None if cond is not None else self.adaln_input(t, text.pooled, stage)
+        return self.stage_forward(x, c, cond, text.tokens, text.mask, self.tables[key], stage, depth)
+
+    def adaln_input(self, t, pooled, stage):
+        """c = silu(vec), vec = time embedding + pooled text (+ PPFlow's level): (B, d), what
+        every block's adaLN modulation is computed from (each block computes its own)."""
+        dtype = self.time_in[0].weight.dtype
+        vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(pooled.to(dtype))
+        if self.cfg.pp_levels:
+            vec = vec + self.level_emb.weight[stage - 1].to(dtype)
+        return F.silu(vec)
 
     def conditioning(self, t, pooled, stage, depth):
         """What the image never changes: the adaLN modulation of the stage's first `depth`
@@ -1047,20 +1048,19 @@ class NAMI(nn.Module):
         A list of (B, n d) tensors, one per block (a pair for a double block), then the exit's.
         The sampler knows a window's times in advance and computes all its steps' conditioning
         in one batched call: at batch 1 a step is bound by reading weights, and a double
-        block's modulation is 12 d^2 of its 36 d^2 (cifar, stage 1: 30% of the step's bytes)."""
-        dtype = self.time_in[0].weight.dtype
-        vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(pooled.to(dtype))   # (B, d)
-        if self.cfg.pp_levels:
-            vec = vec + self.level_emb.weight[stage - 1].to(dtype)
-        c = F.silu(vec)
+        block's modulation is 12 d^2 of its 36 d^2 (cifar, stage 1: 30% of the step's bytes).
+        Training lets each block compute its own inside its forward (one graph per compiled
+        block, and FSDP gathers a block's weights once)."""
+        c = self.adaln_input(t, pooled, stage)
         return [blk.modulation(c) for blk in self.blocks[:depth]] + [self.exit(stage).modulation(c)]
 
     def exit(self, stage):
         return self.heads[stage - 1 if self.cfg.stage_heads or self.cfg.pp_levels else 0]
 
-    def stage_forward(self, x, cond, tokens, mask, tables, stage, depth):
+    def stage_forward(self, x, c, cond, tokens, mask, tables, stage, depth):
         """The stage's network, a pure tensor function with static stage and depth: what
-        torch.compile compiles (compile_stages), one graph per stage and input shape."""
+        torch.compile compiles (compile_stages), one graph per stage and input shape. c: the
+        adaLN input (B, d), or None with `cond` (the blocks' and exit's modulations) given."""
         cfg, p = self.cfg, self.cfg.patch
         (fh, fw), (B, C, H, W) = cfg.patch_factors(stage), x.shape
         h, w = H // (p * fh), W // (p * fw)
@@ -1072,14 +1072,15 @@ class NAMI(nn.Module):
             txt = txt + order.to(img.dtype)
         mask = None if mask is None else F.pad(mask, (0, h * w), value=True)
         run = lambda blk, *a: checkpoint(blk, *a, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*a)
+        cond = cond or [None] * (depth + 1)
         for blk, mod in zip(self.blocks[: min(depth, cfg.double)], cond):
-            img, txt = run(blk, img, txt, mod, (cos, sin), mask)
+            img, txt = run(blk, img, txt, c, mod, (cos, sin), mask)
         if depth > cfg.double:
             seq = torch.cat([txt, img], 1)                                    # (B, T + N, d)
             for blk, mod in zip(self.blocks[cfg.double: depth], cond[cfg.double:]):
-                seq = run(blk, seq, mod, (cos, sin), mask)
+                seq = run(blk, seq, c, mod, (cos, sin), mask)
             img = seq[:, txt.shape[1]:]
-        out = self.exit(stage)(img, cond[-1])                                 # (B, N, C fh fw p p)
+        out = self.exit(stage)(img, c, cond[-1])                              # (B, N, C fh fw p p)
         return unpatchify(out, C, h, w, p, fh, fw)
 
 

@@ -471,9 +471,6 @@ def wrap(model, fsdp, distributed):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for blk in model.blocks:
-            for name, m in blk.named_children():
-                if name.endswith("mod"):                  # NAMI.conditioning runs these outside the block's forward
-                    fully_shard(m, mp_policy=mp)
             fully_shard(blk, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
     elif distributed:

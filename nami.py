@@ -798,7 +798,7 @@ def apply_rope(x, cos, sin):
     """Rotate consecutive pairs (x_2j, x_2j+1) of x (..., N, Dh) by the angles behind
     cos, sin (N, Dh/2): real arithmetic, so torch.compile generates it like any other op."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)], -1).flatten(-2).type_as(x)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 
 
 def attention(q, k, v, rope, mask):

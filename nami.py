@@ -826,11 +826,7 @@ def unpatchify(t, C, h, w, p, fh=1, fw=1):
 
 
 def modulate(x, shift, scale):
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])          # x (1 + scale) + shift, one pass
-
-
-def gated(x, gate, y):
-    return torch.addcmul(x, gate[:, None], y)                             # x + gate y: the gated residual
+    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class QKNorm(nn.Module):
@@ -872,13 +868,13 @@ class DoubleBlock(nn.Module):
                 setattr(self, f"{s}_proj", nn.Linear(d, d))
                 setattr(self, f"{s}_mlp", MLP(d, hidden, d))
 
-    def modulation(self, c):
-        """adaLN parameters (img (B, 6d), txt (B, 6d or 2d)) from c = silu(vec) (B, d)."""
-        return self.img_mod(c), self.txt_mod(c)
+    def modulation(self, vec):
+        """adaLN parameters (img (B, 6d), txt (B, 6d or 2d)) from the conditioning vector (B, d)."""
+        return self.img_mod(F.silu(vec)), self.txt_mod(F.silu(vec))
 
-    def forward(self, img, txt, c, mod, rope, mask):
-        """c: silu(vec) (B, d); mod: modulation(c) if computed ahead (the sampler's), else None."""
-        im, tm = self.modulation(c) if mod is None else mod
+    def forward(self, img, txt, vec, mod, rope, mask):
+        """mod: modulation(vec) if computed ahead (the sampler's; vec is then None), else None."""
+        im, tm = self.modulation(vec) if mod is None else mod
         im, tm = im.chunk(6, -1), tm.chunk(6 if self.text_out else 2, -1)
         qkv = []
         for s, x, m in (("txt", txt, tm), ("img", img, im)):
@@ -890,9 +886,9 @@ class DoubleBlock(nn.Module):
         ta, ia = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
         out = []
         for s, x, m, att in (("img", img, im, ia), ("txt", txt, tm, ta))[: 2 if self.text_out else 1]:
-            x = gated(x, m[2], getattr(self, f"{s}_proj")(att))
+            x = x + m[2][:, None] * getattr(self, f"{s}_proj")(att)
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), m[3], m[4])
-            out.append(gated(x, m[5], getattr(self, f"{s}_mlp")(h)))
+            out.append(x + m[5][:, None] * getattr(self, f"{s}_mlp")(h))
         return out if self.text_out else (out[0], None)
 
 
@@ -908,11 +904,11 @@ class SingleBlock(nn.Module):
         self.linear2 = nn.Linear(d + self.hidden, d)
         self.norm = QKNorm(d // heads)
 
-    def modulation(self, c):
-        return self.mod(c)                                  # (B, 3d): shift, scale, gate
+    def modulation(self, vec):
+        return self.mod(F.silu(vec))                        # (B, 3d): shift, scale, gate
 
-    def forward(self, x, c, mod, rope, mask):
-        shift, scale, gate = (self.modulation(c) if mod is None else mod).chunk(3, -1)
+    def forward(self, x, vec, mod, rope, mask):
+        shift, scale, gate = (self.modulation(vec) if mod is None else mod).chunk(3, -1)
         h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * x.shape[-1], self.hidden], -1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
@@ -921,7 +917,7 @@ class SingleBlock(nn.Module):
         # linear2 over [attention, mlp] without materialising the (B, N, 5d) concatenation
         W, d = self.linear2.weight, x.shape[-1]
         out = F.linear(a, W[:, :d], self.linear2.bias) + F.linear(F.gelu(mlp, approximate="tanh"), W[:, d:])
-        return gated(x, gate, out)
+        return x + gate[:, None] * out
 
 
 class Head(nn.Module):
@@ -932,11 +928,11 @@ class Head(nn.Module):
         self.mod = nn.Linear(d, 2 * d)
         self.linear = nn.Linear(d, out)
 
-    def modulation(self, c):
-        return self.mod(c)                                  # (B, 2d): shift, scale
+    def modulation(self, vec):
+        return self.mod(F.silu(vec))                        # (B, 2d): shift, scale
 
-    def forward(self, x, c, mod):
-        shift, scale = (self.modulation(c) if mod is None else mod).chunk(2, -1)
+    def forward(self, x, vec, mod):
+        shift, scale = (self.modulation(vec) if mod is None else mod).chunk(2, -1)
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
 
 
@@ -1030,17 +1026,15 @@ class NAMI(nn.Module):
             ang = rope_angles(cfg, stage, *key[1:4])
             order = sinusoidal(torch.arange(key[3]), cfg.width).to(x.device) if cfg.text_positions else None
             self.tables[key] = (ang.cos().float().to(x.device), ang.sin().float().to(x.device), order)
-        c = None if cond is not None else self.adaln_input(t, text.pooled, stage)
-        return self.stage_forward(x, c, cond, text.tokens, text.mask, self.tables[key], stage, depth)
+        vec = None if cond is not None else self.vector(t, text.pooled, stage)
+        return self.stage_forward(x, vec, cond, text.tokens, text.mask, self.tables[key], stage, depth)
 
-    def adaln_input(self, t, pooled, stage):
-        """c = silu(vec), vec = time embedding + pooled text (+ PPFlow's level): (B, d), what
-        every block's adaLN modulation is computed from (each block computes its own)."""
+    def vector(self, t, pooled, stage):
+        """The conditioning vector vec = time embedding + pooled text (+ PPFlow's level),
+        (B, d): every block computes its adaLN modulation from it."""
         dtype = self.time_in[0].weight.dtype
         vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(pooled.to(dtype))
-        if self.cfg.pp_levels:
-            vec = vec + self.level_emb.weight[stage - 1].to(dtype)
-        return F.silu(vec)
+        return vec + self.level_emb.weight[stage - 1].to(dtype) if self.cfg.pp_levels else vec
 
     def conditioning(self, t, pooled, stage, depth):
         """What the image never changes: the adaLN modulation of the stage's first `depth`
@@ -1051,16 +1045,16 @@ class NAMI(nn.Module):
         block's modulation is 12 d^2 of its 36 d^2 (cifar, stage 1: 30% of the step's bytes).
         Training lets each block compute its own inside its forward (one graph per compiled
         block, and FSDP gathers a block's weights once)."""
-        c = self.adaln_input(t, pooled, stage)
-        return [blk.modulation(c) for blk in self.blocks[:depth]] + [self.exit(stage).modulation(c)]
+        vec = self.vector(t, pooled, stage)
+        return [blk.modulation(vec) for blk in self.blocks[:depth]] + [self.exit(stage).modulation(vec)]
 
     def exit(self, stage):
         return self.heads[stage - 1 if self.cfg.stage_heads or self.cfg.pp_levels else 0]
 
-    def stage_forward(self, x, c, cond, tokens, mask, tables, stage, depth):
+    def stage_forward(self, x, vec, cond, tokens, mask, tables, stage, depth):
         """The stage's network, a pure tensor function with static stage and depth: what
-        torch.compile compiles (compile_stages), one graph per stage and input shape. c: the
-        adaLN input (B, d), or None with `cond` (the blocks' and exit's modulations) given."""
+        torch.compile compiles (compile_stages), one graph per stage and input shape. vec: the
+        conditioning vector (B, d), or None with `cond` (the blocks' and exit's modulations)."""
         cfg, p = self.cfg, self.cfg.patch
         (fh, fw), (B, C, H, W) = cfg.patch_factors(stage), x.shape
         h, w = H // (p * fh), W // (p * fw)
@@ -1074,13 +1068,13 @@ class NAMI(nn.Module):
         run = lambda blk, *a: checkpoint(blk, *a, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*a)
         cond = cond or [None] * (depth + 1)
         for blk, mod in zip(self.blocks[: min(depth, cfg.double)], cond):
-            img, txt = run(blk, img, txt, c, mod, (cos, sin), mask)
+            img, txt = run(blk, img, txt, vec, mod, (cos, sin), mask)
         if depth > cfg.double:
             seq = torch.cat([txt, img], 1)                                    # (B, T + N, d)
             for blk, mod in zip(self.blocks[cfg.double: depth], cond[cfg.double:]):
-                seq = run(blk, seq, c, mod, (cos, sin), mask)
+                seq = run(blk, seq, vec, mod, (cos, sin), mask)
             img = seq[:, txt.shape[1]:]
-        out = self.exit(stage)(img, c, cond[-1])                              # (B, N, C fh fw p p)
+        out = self.exit(stage)(img, vec, cond[-1])                            # (B, N, C fh fw p p)
         return unpatchify(out, C, h, w, p, fh, fw)
 
 

@@ -108,8 +108,8 @@ def timer(device):
 
 def sampling_latency(models, lineup_, res, cfg_scale, repeats, device, dtype):
     """{variant: [seconds per image]}: one warm-up call each (compiles, if compiled; timed
-    apart), then `repeats` rounds that time every variant once, alternately, so drift in the
-    machine's speed hits all variants alike."""
+    apart), then `repeats` rounds that time every variant once, alternately, in reverse order
+    every other round, so drift in the machine's speed hits all variants alike."""
     cfg = next(iter(lineup_.values()))[0]
     text, unc = random_text(cfg, 1, device, dtype, 0), random_text(cfg, 1, device, dtype, 1)
     now = timer(device)
@@ -124,7 +124,7 @@ def sampling_latency(models, lineup_, res, cfg_scale, repeats, device, dtype):
     warm = {v: once(v) for v in lineup_}
     times = {v: [] for v in lineup_}
     for r in range(repeats):
-        for v in lineup_:
+        for v in list(lineup_)[:: -1 if r % 2 else 1]:
             times[v].append(once(v))
         print(f"  res {res}: round {r + 1}/{repeats} " + " ".join(f"{v} {times[v][-1]:.3f}s" for v in lineup_), flush=True)
     return times, warm
@@ -159,15 +159,18 @@ def speed(a):
         for v in list(todo)[1:]:
             row[f"{v}_flop_reduction"] = round(1 - flops[v] / flops["baseline"], 4)
             row[f"{v}_latency_reduction"] = round(1 - lat[v] / lat["baseline"], 4) if lat else None
+            per_round = [1 - a / b for a, b in zip(times.get(v, []), times.get("baseline", []))]
+            row[f"{v}_latency_reduction_rounds"] = [round(min(per_round), 4), round(max(per_round), 4)] if lat else None
         rows.append(row)
-    print(f"\n{'px':>5} {'variant':>10} {'TFLOP':>9} {'latency s (min-max)':>22} {'FLOP red.':>10} {'latency red.':>12}")
+    print(f"\n{'px':>5} {'variant':>10} {'TFLOP':>9} {'latency s (min-max)':>22} {'FLOP red.':>10} {'latency red. (per round)':>28}")
     for row in rows:
         for v in todo:
             lat = "-" if not row["latency_s"] else \
                 f"{row['latency_s'][v]:.3f} ({row['latency_range_s'][v][0]:.3f}-{row['latency_range_s'][v][1]:.3f})"
             red = "" if v == "baseline" else f"{row[f'{v}_flop_reduction']:10.1%}"
-            lred = "" if v == "baseline" or not row["latency_s"] else f"{row[f'{v}_latency_reduction']:12.1%}"
-            print(f"{row['px']:>5} {v:>10} {row['flops'][v] / 1e12:9.3f} {lat:>22} {red:>10} {lred:>12}")
+            lred = "" if v == "baseline" or not row["latency_s"] else \
+                f"{row[f'{v}_latency_reduction']:.1%} ({row[f'{v}_latency_reduction_rounds'][0]:.1%} to {row[f'{v}_latency_reduction_rounds'][1]:.1%})"
+            print(f"{row['px']:>5} {v:>10} {row['flops'][v] / 1e12:9.3f} {lat:>22} {red:>10} {lred:>28}")
     for row in rows:
         print(json.dumps(row))
     if a.plot and len(rows) > 1:
@@ -561,7 +564,7 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
                     if not os.path.isfile(os.path.join(run, "config.json")):    # a rerun picks up finished runs
                         queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
                                             "--out", out, "--name", os.path.basename(run), "--seed", str(seed),
-                                            "--no-compile", "--head-start", "0", *train_flags]))
+                                            "--no-compile", "--head-start", "0", "--start-share", "0", *train_flags]))
                 evals.append((kind, name, seed, run, eval_flags))
     for i in range(0, len(queue), jobs):
         procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(run + ".log", "w"), stderr=subprocess.STDOUT))

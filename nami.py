@@ -219,7 +219,10 @@ PHASES = {
 # fp32 on CPUs. tiny's 2,700 steps: the same model for everyone. The first 22% (600 steps) are
 # a head start, stage 1 alone at pure noise on position captions: the joint loss almost never
 # trains window 1's very start, where a sample's layout is chosen, and without it relations
-# stay at chance (EXPERIMENTS.md 7(e)-(g)); 12-13 min on 2 quiet CPU cores, ~2.3 min more
+# stay at chance (EXPERIMENTS.md 7(e)-(g)). After it, start_share 0.1 of the samples train at
+# their window's start too: logit-normal times put 1.4% of them in the top tenth of a window,
+# where each window's first sampler step starts (overall 0.50-0.53 against 0.46-0.47 at
+# training seeds 0 and 1, EXPERIMENTS.md 7(h)); 12-13 min on 2 quiet CPU cores, ~2.3 min more
 # compiling on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
 # the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x
 # the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
@@ -228,7 +231,7 @@ PHASES = {
 TRAIN = {
     "tiny": dict(steps=2700, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
                  cfg=3.0, sample_steps="10,10,10", phases="tiny", compile=True,
-                 head_start=0.2222, head_start_data="shapes:forms=0:0:0:1"),
+                 head_start=0.2222, head_start_data="shapes:forms=0:0:0:1", start_share=0.1),
     "cifar": dict(steps=100_000, batch_size=128, lr=3e-4, beta2=0.99, warmup=1000, ema=0.9999, cfg=2.0,
                   sample_steps="10,10,10", phases="paper", compile=False),
     "0.6b": dict(steps=250_000, batch_size=512, lr=1e-4, beta2=0.99, warmup=2000, ema=0.9999, cfg=3.0,

@@ -313,16 +313,19 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
     # --head-start 0.5 of 10 steps: steps 1-5 train stage 1 alone (ratios 1:0:0) on the head
     # start's position captions, steps 6-10 the phases on --data over the rest of the run: their
     # warmup starts again, and tiny's lr decay over the last 30% of the phases covers step 10
-    forms, make = [], shapes.make_batch
+    # (every head-start sample at its window's start, then --start-share of them)
+    forms, make, shares, loss = [], shapes.make_batch, [], nami.nami_loss
     monkeypatch.setattr(shapes, "make_batch", lambda n, seed, index=0, **kw: (forms.append(kw.get("forms")),
                                                                                make(n, seed, index, **kw))[1])
+    monkeypatch.setattr(nami, "nami_loss", lambda *args: (shares.append(args[-1]), loss(*args))[1])
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "h", "--steps", "10", "--head-start", "0.5",
-                             "--head-start-data", "shapes:forms=0:0:0:1"])
+                             "--head-start-data", "shapes:forms=0:0:0:1", "--start-share", "0.25"])
     log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     assert [r["ratios"] for r in log] == [[1, 0, 0]] * 5 + [[4, 8, 1]] * 5
     assert [r["stage_loss"][1] for r in log[:5]] == [1.0] * 5 and log[5]["stage_loss"][1] != 1.0
     assert [r["lr"] for r in log] == pytest.approx([2.5e-3] + [5e-3] * 4 + [2.5e-3] + [5e-3] * 3 + [5e-3 * 0.2 / 0.3])
     assert forms[:5] == [(0, 0, 0, 1)] * 5 and forms[5:10] == [None] * 5
+    assert shares == [1.0] * 5 + [0.25] * 5
     # more steps on resume: the head start is then 10 of 20, so step 10 starts the phases' warmup
     capsys.readouterr()
     train.main(["--resume", run, "--steps", "20", "--stop-at", "11"])
@@ -332,8 +335,11 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
     assert (settle().head_start, settle().head_start_data) == (nami.TRAIN["tiny"]["head_start"], "shapes:forms=0:0:0:1")
     assert settle("--data", "cifar:/x").head_start_data is None
     assert settle("--head-start", "0").head_start == 0 and settle("--preset", "cifar").head_start == 0
+    assert settle().start_share == nami.TRAIN["tiny"]["start_share"] > 0 and settle("--preset", "cifar").start_share == 0
     with pytest.raises(ValueError, match="fraction of the run"):
         train.main(MINI + ["--out", str(tmp_path), "--steps", "3", "--head-start", "1"])
+    with pytest.raises(ValueError, match="--start-share 1.5: give a fraction"):
+        train.main(MINI + ["--out", str(tmp_path), "--steps", "3", "--start-share", "1.5"])
 
 
 def test_baseline_and_piecewise_runs_finish(tmp_path):

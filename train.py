@@ -271,6 +271,9 @@ def parser():
                    "this fraction of the run before the phases (0: none; default: the preset's; EXPERIMENTS.md 7(f)-(g))")
     p.add_argument("--head-start-data", metavar="SPEC", help="the head start's --data (default: the preset's on the "
                    "shapes world, else --data)")
+    p.add_argument("--start-share", type=float, metavar="F", help="after the head start, this fraction of the samples "
+                   "trains at its window's start, where the sampler's first step of each window begins (default: "
+                   "the preset's; 0: none)")
     p.add_argument("--loss-weights", choices=["dynamic", "uniform"], default="dynamic")
     p.add_argument("--out", default="out", help="parent folder of runs")
     p.add_argument("--name", help="run name (default: the preset); runs go to OUT/NAME")
@@ -341,6 +344,7 @@ def settle_args(a, given):
         if a.variant.startswith("ppflow") and "sample_steps" not in given:   # 30 steps, split PPFlow's way
             a.sample_steps = ",".join(map(str, nami.default_steps(nami.preset(a.preset, **VARIANTS[a.variant]))))
     a.head_start = a.head_start or 0.0
+    a.start_share = a.start_share or 0.0                  # (runs saved before the flag existed trained with 0)
     if a.head_start_data and "head_start_data" not in given and is_shapes(a.head_start_data) != is_shapes(a.data):
         a.head_start_data = None                          # the preset's is for the shapes world: use --data
     if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
@@ -384,6 +388,8 @@ def check_args(a, start=0):
         (a.warmup < 0, f"--warmup {a.warmup}: give 0 (no warmup) or more steps"),
         (not (finite(a.head_start) and 0 <= a.head_start < 1),
          f"--head-start {a.head_start}: give the fraction of the run in [0, 1), e.g. 0.2 (0: none)"),
+        (not (finite(a.start_share) and 0 <= a.start_share <= 1),
+         f"--start-share {a.start_share}: give a fraction in [0, 1], e.g. 0.1 (0: none)"),
         (not (finite(a.ema) and 0 <= a.ema < 1), f"--ema {a.ema}: the EMA decay lies in [0, 1), e.g. 0.999"),
         (a.save_every < 1, f"--save-every {a.save_every}: give at least 1 step"),
         (a.log_every < 1, f"--log-every {a.log_every}: give at least 1 step"),
@@ -596,7 +602,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
         stage_sum, stage_n = accumulate_gradients(step_fn, head_batch if head else get_batch, enc, a, step, ratios,
-                                                  weights, cfg.K, rank, world, distributed, 1.0 if head else 0.0)
+                                                  weights, cfg.K, rank, world, distributed, 1.0 if head else a.start_share)
         grad_norm = clip_gradients(model)
         check_finite(stage_sum, grad_norm, step, a, run, saved)
         optimizer_step(model, opt, ema, a.ema, step)

@@ -221,9 +221,9 @@ PHASES = {
 # trains window 1's very start, where a sample's layout is chosen, and without it relations
 # stay at chance (EXPERIMENTS.md 7(e)-(g)). After it, start_share 0.1 of the samples train at
 # their window's start too: logit-normal times put 1.4% of them in the top tenth of a window,
-# where each window's first sampler step starts (overall 0.50-0.53 against 0.46-0.47 at
-# training seeds 0 and 1, EXPERIMENTS.md 7(h)); 12-13 min on 2 quiet CPU cores, ~2.3 min more
-# compiling on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
+# where each window's first sampler step starts (overall 0.491 against 0.473, position 0.43
+# against 0.39, 4 training seeds x 3 evals; EXPERIMENTS.md 0, 7(h)); ~10 min on 2 quiet CPU
+# cores, ~2 min more on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
 # the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x
 # the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
 # instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing

@@ -873,6 +873,8 @@ class DoubleBlock(nn.Module):
 
     def modulation(self, vec):
         """adaLN parameters (img (B, 6d), txt (B, 6d or 2d)) from the conditioning vector (B, d)."""
+        # silu once per projection, not shared: sharing it sums the two gradients before silu's
+        # backward, which changes the trained weights' bits (the README's runs are these)
         return self.img_mod(F.silu(vec)), self.txt_mod(F.silu(vec))
 
     def forward(self, img, txt, vec, mod, rope, mask):

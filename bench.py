@@ -548,8 +548,9 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
     seed, eval seed) pairs, training and sampling images/s and sampling FLOPs per image; JSON
     lines; a plot.
     Runs train eager: at one thread each, compiling takes ~5 minutes, most of a short budget.
-    They train without tiny's head start: the study compares the papers' methods, and on the
-    K = 1 baseline a stage-1 head start would mean full-resolution steps at pure noise."""
+    They train without tiny's head start, start share and caption mix (on the uniform one the
+    study was measured with): the study compares the papers' methods, and on the K = 1
+    baseline a stage-1 head start would mean full-resolution steps at pure noise."""
     cores = os.cpu_count() or 1
     if not 1 <= jobs <= cores:
         raise ValueError(f"--jobs {jobs}: give each variant at least one of the {cores} cores")
@@ -564,7 +565,8 @@ def ablate(kinds, minutes, out, seeds, eval_seeds, jobs, n_eval, plot=None):
                     if not os.path.isfile(os.path.join(run, "config.json")):    # a rerun picks up finished runs
                         queue.append((run, [sys.executable, os.path.join(here, "train.py"), "--minutes", str(minutes),
                                             "--out", out, "--name", os.path.basename(run), "--seed", str(seed),
-                                            "--no-compile", "--head-start", "0", "--start-share", "0", *train_flags]))
+                                            "--no-compile", "--head-start", "0", "--start-share", "0", "--data", "shapes",
+                                            *train_flags]))
                 evals.append((kind, name, seed, run, eval_flags))
     for i in range(0, len(queue), jobs):
         procs = [(run, subprocess.Popen(cmd, env=env, stdout=open(run + ".log", "w"), stderr=subprocess.STDOUT))

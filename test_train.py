@@ -94,7 +94,7 @@ def test_run_folder_contents(trained):
                                             "stages.txt", "step_0000006"]    # no lock, no .tmp left behind
     meta = json.load(open(os.path.join(straight, "config.json")))
     assert meta["checkpoint"] == "step_0000006"
-    assert meta["preset"] == "tiny" and meta["data"] == "shapes" and meta["text_encoder"] == "all-MiniLM-L6-v2"
+    assert meta["preset"] == "tiny" and meta["data"] == "shapes:forms=1:2:2:2" and meta["text_encoder"] == "all-MiniLM-L6-v2"
     assert meta["model"]["stage_layers"] == [2, 2, 2] and meta["step"] == 6
     log = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(len(r["stage_loss"]) == 3 for r in log)
@@ -324,7 +324,7 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
     assert [r["ratios"] for r in log] == [[1, 0, 0]] * 5 + [[4, 8, 1]] * 5
     assert [r["stage_loss"][1] for r in log[:5]] == [1.0] * 5 and log[5]["stage_loss"][1] != 1.0
     assert [r["lr"] for r in log] == pytest.approx([2.5e-3] + [5e-3] * 4 + [2.5e-3] + [5e-3] * 3 + [5e-3 * 0.2 / 0.3])
-    assert forms[:5] == [(0, 0, 0, 1)] * 5 and forms[5:10] == [None] * 5
+    assert forms[:5] == [(0, 0, 0, 1)] * 5 and forms[5:10] == [(1, 2, 2, 2)] * 5   # the preset's caption mix
     assert shares == [1.0] * 5 + [0.25] * 5
     # more steps on resume: the head start is then 10 of 20, so step 10 starts the phases' warmup
     capsys.readouterr()
@@ -334,6 +334,7 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
     settle = lambda *flags: train.settle_args(*train.parse_args(list(flags)))[0]
     assert (settle().head_start, settle().head_start_data) == (nami.TRAIN["tiny"]["head_start"], "shapes:forms=0:0:0:1")
     assert settle("--data", "cifar:/x").head_start_data is None
+    assert settle().data == "shapes:forms=1:2:2:2" and settle("--preset", "cifar").data == "shapes"
     assert settle("--head-start", "0").head_start == 0 and settle("--preset", "cifar").head_start == 0
     assert settle().start_share == nami.TRAIN["tiny"]["start_share"] > 0 and settle("--preset", "cifar").start_share == 0
     with pytest.raises(ValueError, match="fraction of the run"):

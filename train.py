@@ -256,8 +256,8 @@ def dry_run(cfg, a, ranks):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(nami.PRESETS))
-    p.add_argument("--data", default="shapes", help="shapes[:mirror,forms=a:b:c:d] | cifar:PATH | an imagefolder or "
-                   "latent folder | 'shards/{0000..0099}.tar'")
+    p.add_argument("--data", help="shapes[:mirror,forms=a:b:c:d] | cifar:PATH | an imagefolder or latent folder | "
+                   "'shards/{0000..0099}.tar' (default: the preset's shapes world)")
     p.add_argument("--steps", type=int)
     p.add_argument("--minutes", type=float, help="train for this wall-clock budget instead of --steps (ablations)")
     p.add_argument("--batch-size", type=int, help="global batch, over all ranks and accumulation")

@@ -225,10 +225,10 @@ PHASES = {
 # against 0.39, 4 training seeds x 3 evals; EXPERIMENTS.md 7(h)). The joint steps draw the
 # caption forms single : counting : two objects : position at 1:2:2:2, not uniformly: single
 # objects are learnt early (0.91) and the multi-object forms lag (0.33-0.43), so they get the
-# samples (overall 0.541 against 0.491, 4 x 3 seeds; EXPERIMENTS.md 0, 7(i)). ~10 min on 2
-# quiet CPU cores, ~2 min more on an empty inductor cache. Its batch 192: at its 4:8:1 mix most samples train
-# the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains ~1.6x
-# the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
+# samples (overall 0.547 over 7 runs x 3 evals, against 0.491 over 4 x 3; EXPERIMENTS.md 0,
+# 7(i)). ~10 min on 2 quiet CPU cores, ~2 min more on an empty inductor cache. Its batch 192:
+# at its 4:8:1 mix most samples train the cheap 8/16 px stages, where a CPU step is mostly
+# per-operator overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
 # instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
 # (EXPERIMENTS.md).
 TRAIN = {

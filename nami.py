@@ -229,7 +229,7 @@ PHASES = {
 # 7(i)). Sampling them with guidance 4 instead of 3 raises overall at 6 of those 7 runs (0.557
 # against 0.547; EXPERIMENTS.md 6). 3,300 steps, not 2,700: at 2,700 one run in seven fell in a
 # weak mode (overall 0.497); at 3,300 the worst of eight scored 0.538, and the same seven runs
-# 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.2 min more: 14.2 min on 2 quiet CPU cores
+# 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.3 min more: 14.2 min on 2 quiet CPU cores
 # from an empty inductor cache, ~1 min less once it is warm. Its batch 192: at its 4:8:1 mix most
 # samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192
 # trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step

@@ -362,6 +362,7 @@ def flux_peer(cfg, blocks=None):
 
 def vs_diffusers(a):
     cfg = nami.preset(a.preset)
+    nami.Linear.packing = False     # like for like: both models on F.linear (ours samples on oneDNN's)
     flux, ours = flux_peer(cfg, a.blocks)
     res, B, dev = (a.res or [cfg.resolution])[0], 2, torch.device(a.device)
     flux, ours = flux.to(dev), ours.to(dev)

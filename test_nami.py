@@ -484,6 +484,32 @@ def test_compiled_stage_equals_eager(per_block):
     assert all((grad(p) - g).abs().max() < 1e-4 for p, g in zip(m.parameters(), grads))
 
 
+@pytest.mark.skipif(not nami.Linear.packing, reason="torch without oneDNN")
+def test_sampling_linear_is_the_plain_product_and_follows_weight_changes(monkeypatch):
+    # nami.Linear's oneDNN copy of its weight (taken on CPU without autograd) against x W^T + b
+    # written out; after an in-place write, load_state_dict and a .data swap it uses the new weight
+    lin, x = nami.Linear(24, 40), torch.randn(3, 7, 24)
+    ref = lambda x, W, b: torch.einsum("bnk,ok->bno", x, W.detach()) + (0 if b is None else b.detach())
+    y = lin(x)                                            # autograd on: plain product, no copy
+    assert lin not in nami.PACKED and y.requires_grad
+    with torch.no_grad():
+        for change in (lambda: None, lambda: lin.weight.mul_(-2), lambda: lin.load_state_dict(
+                {"weight": torch.randn(40, 24), "bias": torch.randn(40)}), lambda: setattr(lin.weight, "data", torch.randn(40, 24))):
+            change()
+            assert torch.allclose(lin(x), ref(x, lin.weight, lin.bias), atol=1e-5)
+        assert lin in nami.PACKED
+        W, b = lin.weight, lin.bias                       # SingleBlock's split output product
+        assert torch.allclose(lin(x[..., :10], (0, 10)), ref(x[..., :10], W[:, :10], b), atol=1e-5)
+        assert torch.allclose(lin(x[..., 10:], (10, None)), ref(x[..., 10:], W[:, 10:], None), atol=1e-5)
+    # a whole sampler run: the same images as with F.linear everywhere
+    m, t = tiny_model(double=2), text(2, T=6)        # single-stream blocks too
+    run = lambda: nami.sample(m, t, text(2, T=6, seed=1), (2, 2, 2), 3.0, generator=torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        fast = run()
+        monkeypatch.setattr(nami.Linear, "packing", False)
+        assert (fast - run()).abs().max() < 1e-5
+
+
 def test_text_positions_make_word_order_visible():
     # the Transformer's sinusoid: [cos(i w_j), sin(i w_j)], w_j = 10000^(-j / (d/2))
     i, d = torch.tensor([0.0, 3.0]), 8

@@ -847,19 +847,22 @@ class Linear(nn.Linear):
     reordered once into oneDNN's blocked layout (what torch.compile's freezing does for bf16
     weights; for fp32 it picks MKL, no faster here). On this project's CPU that product runs
     at 1.1-1.6x F.linear's rate at sampling's 32-544 rows, the most at the small stages' few
-    rows (EXPERIMENTS 10). The copy takes the weight's memory again and is remade whenever the
-    weight changes: its source shares the weight's version counter, which every in-place write
-    moves (load_state_dict, an optimizer step), and it keeps the old storage alive, so a
-    weight replaced by .data or .to() has a new address. Training never takes this path
-    (autograd is on). `Linear.packing = False` turns it off."""
-    packing = torch.backends.mkldnn.is_available()
+    rows (EXPERIMENTS 10). The copy takes the weight's memory again, so only weights of at most
+    `packing_max` entries get one (all of tiny's and cifar's, few of 2b's: its gigabytes are not
+    doubled for ~10%). It is remade whenever the weight changes: its source shares the weight's
+    version counter, which every in-place write moves (load_state_dict, an optimizer step), and
+    keeps the old storage alive, so a weight replaced by .data or .to() has a new address.
+    Training never takes this path (autograd is on). `Linear.packing = False` turns it off."""
+    packing, packing_max = torch.backends.mkldnn.is_available(), 1 << 22
 
     def forward(self, x, cols=None):
         """cols (a, b): multiply by weight[:, a:b] alone (with the bias only if a == 0)."""
-        w, b = (self.weight, self.bias) if cols is None else (self.weight[:, slice(*cols)], self.bias if cols[0] == 0 else None)
+        w, b = self.weight, self.bias
+        if cols is not None:
+            w, b = w[:, slice(*cols)], b if cols[0] == 0 else None
         if not (self.packing and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):
+                and w.numel() <= self.packing_max and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return F.linear(x, w, b)
         cache = PACKED.setdefault(self, {})
         src, version, packed = cache.get(cols, (None, None, None))

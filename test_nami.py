@@ -501,6 +501,11 @@ def test_sampling_linear_is_the_plain_product_and_follows_weight_changes(monkeyp
         W, b = lin.weight, lin.bias                       # SingleBlock's split output product
         assert torch.allclose(lin(x[..., :10], (0, 10)), ref(x[..., :10], W[:, :10], b), atol=1e-5)
         assert torch.allclose(lin(x[..., 10:], (10, None)), ref(x[..., 10:], W[:, 10:], None), atol=1e-5)
+    big = nami.Linear(24, 40)                             # a weight over the size limit keeps F.linear
+    monkeypatch.setattr(nami.Linear, "packing_max", 24 * 40 - 1)
+    with torch.no_grad():
+        assert torch.allclose(big(x), ref(x, big.weight, big.bias), atol=1e-5) and big not in nami.PACKED
+    monkeypatch.undo()
     # a whole sampler run: the same images as with F.linear everywhere
     m, t = tiny_model(double=2), text(2, T=6)        # single-stream blocks too
     run = lambda: nami.sample(m, t, text(2, T=6, seed=1), (2, 2, 2), 3.0, generator=torch.Generator().manual_seed(0))[0]

@@ -848,12 +848,13 @@ class Linear(nn.Linear):
     weights; for fp32 it picks MKL, no faster here). On this project's CPU that product runs
     at 1.1-1.6x F.linear's rate at sampling's 32-544 rows, the most at the small stages' few
     rows (EXPERIMENTS 10). The copy takes the weight's memory again, so only weights of at most
-    `packing_max` entries get one (all of tiny's and cifar's, few of 2b's: its gigabytes are not
-    doubled for ~10%). It is remade whenever the weight changes: its source shares the weight's
+    `packing_max` entries get one: all of tiny's and cifar's; of 0.6b's and 2b's only a few
+    embedding and exit layers, so their gigabytes are not doubled for the ~1.1x that large
+    products gain. It is remade whenever the weight changes: its source shares the weight's
     version counter, which every in-place write moves (load_state_dict, an optimizer step), and
     keeps the old storage alive, so a weight replaced by .data or .to() has a new address.
     Training never takes this path (autograd is on). `Linear.packing = False` turns it off."""
-    packing, packing_max = torch.backends.mkldnn.is_available(), 1 << 22
+    packing, packing_max = torch.backends.mkldnn.is_available(), 1 << 21
 
     def forward(self, x, cols=None):
         """cols (a, b): multiply by weight[:, a:b] alone (with the bias only if a == 0)."""

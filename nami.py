@@ -842,18 +842,14 @@ def modulate(x, shift, scale):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster product for sampling on CPU. In fp32, outside autograd,
-    autocast and torch.compile, with oneDNN present, it multiplies by a copy of its weight
-    reordered once into oneDNN's blocked layout (what torch.compile's freezing does for bf16
-    weights; for fp32 it picks MKL, no faster here). On this project's CPU that product runs
-    at 1.1-1.6x F.linear's rate at sampling's 32-544 rows, the most at the small stages' few
-    rows (EXPERIMENTS 10). The copy takes the weight's memory again, so only weights of at most
-    `packing_max` entries get one: all of tiny's and cifar's; of 0.6b's and 2b's only a few
-    embedding and exit layers, so their gigabytes are not doubled for the ~1.1x that large
-    products gain. It is remade whenever the weight changes: its source shares the weight's
-    version counter, which every in-place write moves (load_state_dict, an optimizer step), and
-    keeps the old storage alive, so a weight replaced by .data or .to() has a new address.
-    Training never takes this path (autograd is on). `Linear.packing = False` turns it off."""
+    """nn.Linear with a faster product for sampling on CPU: in fp32, without autograd, autocast
+    or torch.compile, it multiplies by a copy of its weight reordered once for oneDNN (inductor
+    does this for bf16 only), 1.1-1.6x F.linear's rate at sampling's 32-544 rows here, most at
+    the small stages' few rows (EXPERIMENTS 10). The copy costs the weight's memory again, so
+    only weights of at most `packing_max` entries get one (all of tiny's and cifar's, only a few
+    small layers of 0.6b and 2b). It is remade when the weight changes: an in-place write moves
+    the version counter its source shares; a .data or .to() swap changes the address (the source
+    keeps the old storage alive, so it cannot be reused). `Linear.packing = False` turns it off."""
     packing, packing_max = torch.backends.mkldnn.is_available(), 1 << 21
 
     def forward(self, x, cols=None):

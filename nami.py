@@ -37,14 +37,14 @@ Use:  python nami.py          # preset table: parameters, sampling FLOPs, FLOP r
       python -m pytest -q test_nami.py   # the flow equations, checked against closed forms
 """
 import math
-import weakref
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 # -----------------------------------------------------------------------------
 # Presets: plain data. Parameter counts are measured on the meta device by
@@ -842,35 +842,45 @@ def modulate(x, shift, scale):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster product for sampling on CPU: in fp32, without autograd, autocast
-    or torch.compile, it multiplies by a copy of its weight reordered once for oneDNN (inductor
-    does this for bf16 only), 1.1-1.6x F.linear's rate at sampling's 32-544 rows here, most at
-    the small stages' few rows (EXPERIMENTS 10). The copy costs the weight's memory again, so
-    only weights of at most `packing_max` entries get one (all of tiny's and cifar's, only a few
-    small layers of 0.6b and 2b). It is remade when the weight changes: an in-place write moves
-    the version counter its source shares; a .data or .to() swap changes the address (the source
-    keeps the old storage alive, so it cannot be reused). `Linear.packing = False` turns it off."""
+    """nn.Linear with a faster product for sampling on CPU: in fp32, without autograd or autocast,
+    it multiplies by a copy of its weight reordered once for oneDNN (inductor does this for bf16
+    only), 1.1-1.6x F.linear's rate at sampling's 32-544 rows here, most at the small stages' few
+    rows (EXPERIMENTS 10); torch.compile reaches it through the op nami::packed_linear. The copy
+    costs the weight's memory again, so only weights of at most `packing_max` entries get one (all
+    of tiny's and cifar's, only a few small layers of 0.6b and 2b). It is remade when the weight
+    changes: an in-place write moves the version counter its source shares; a .data or .to() swap
+    changes the address (the source keeps the old storage alive, so it cannot be reused).
+    `Linear.packing = False` turns it off."""
     packing, packing_max = torch.backends.mkldnn.is_available(), 1 << 21
 
     def forward(self, x, cols=None):
         """cols (a, b): multiply by weight[:, a:b] alone (with the bias only if a == 0)."""
         w, b = self.weight, self.bias
-        if cols is not None:
-            w, b = w[:, slice(*cols)], b if cols[0] == 0 else None
+        a, z = cols or (0, None)
         if not (self.packing and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
                 and w.numel() <= self.packing_max and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return F.linear(x, w, b)
-        cache = PACKED.setdefault(self, {})
-        src, version, packed = cache.get(cols, (None, None, None))
-        if src is None or src.data_ptr() != w.data_ptr() or src._version != version:
-            src, version = w.detach(), w._version
-            packed = torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None)
-            cache[cols] = (src, version, packed)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                and not torch.is_autocast_enabled("cpu")):
+            return F.linear(x, w[:, a:z] if cols else w, b if a == 0 else None)
+        z = w.shape[1] if z is None else z
+        op = torch.ops.nami.packed_linear if torch.compiler.is_compiling() else packed_linear
+        return op(x, w, b if a == 0 else None, a, z)
 
 
-PACKED = weakref.WeakKeyDictionary()      # Linear -> {cols: (weight seen, its version, oneDNN copy)}
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], a: int, z: int) -> torch.Tensor:
+    """x @ w[:, a:z]^T + b through w's oneDNN copy, made on first use (Linear)."""
+    cache = PACKED.setdefault(w, {})
+    src, version, packed = cache.get((a, z), (None, None, None))
+    if src is None or src.data_ptr() != w.data_ptr() or src._version != version:
+        src, version = w.detach(), w._version
+        packed = torch.ops.mkldnn._reorder_linear_weight(src[:, a:z].contiguous(), None)
+        cache[(a, z)] = (src, version, packed)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+PACKED = WeakIdKeyDictionary()      # weight -> {(a, z): (weight seen, its version, oneDNN copy)}
+if not hasattr(torch.ops.nami, "packed_linear"):   # an opaque call to inductor, which cannot trace oneDNN's copy
+    torch.library.custom_op("nami::packed_linear", packed_linear, mutates_args=()).register_fake(
+        lambda x, w, b, a, z: x.new_empty((*x.shape[:-1], w.shape[0])))
 
 
 class QKNorm(nn.Module):

@@ -213,10 +213,12 @@ def train_worker(src, preset, compiled):
     optimizer, EMA and shapes-world data as train.py does, then answers each line N on stdin
     with the times of N more steps. Written against the API both checkouts share."""
     sys.path.insert(0, os.path.abspath(src))
-    for m in ("nami", "data", "shapes", "train"):
+    for m in ("nami", "data", "shapes", "train", "runs"):
         sys.modules.pop(m, None)
     import importlib
     N, D, S = (importlib.import_module(m) for m in ("nami", "data", "shapes"))
+    R = importlib.import_module("runs") if os.path.exists(os.path.join(src, "runs.py")) else None
+    bf16 = getattr(R, "train_dtype", lambda d: "fp32")("cpu") == "bf16"   # train.py's default precision
     recipe = getattr(N, "TRAIN", None) or importlib.import_module("train").TRAIN
     phases = getattr(N, "PHASES", None) or importlib.import_module("train").PHASES
     r = recipe[preset]
@@ -240,7 +242,8 @@ def train_worker(src, preset, compiled):
         images, captions = S.make_batch(B, 0, i)
         captions = ["" if j % 10 == 0 else c for j, c in enumerate(captions)]    # caption drop, 10%
         x, text = D.to_tensor(images), encode(enc, captions, "cpu")
-        loss, _, _ = N.nami_loss(model, x, text, ratios, None, None, torch.Generator().manual_seed(i))
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _, _ = N.nami_loss(model, x, text, ratios, None, None, torch.Generator().manual_seed(i))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -252,7 +255,8 @@ def train_worker(src, preset, compiled):
     t0 = time.perf_counter()
     for i in range(3):                                    # warm-up, and compilation of every stage
         step(i)
-    print(json.dumps({"ready": True, "warmup_s": time.perf_counter() - t0, "batch": B, "ratios": list(ratios)}), flush=True)
+    print(json.dumps({"ready": True, "warmup_s": time.perf_counter() - t0, "batch": B, "ratios": list(ratios),
+                      "dtype": "bf16" if bf16 else "fp32"}), flush=True)
     i = 3
     for line in sys.stdin:
         times = []
@@ -291,7 +295,7 @@ def train_bench(a):
         if not line:
             raise RuntimeError(f"the training worker for {name} failed to start")
         ready[name] = json.loads(line)
-        print(f"{name}: ready, first 3 steps (warm-up{', compile' if 'compiled' in name else ''}) "
+        print(f"{name} ({ready[name]['dtype']}): ready, first 3 steps (warm-up{', compile' if 'compiled' in name else ''}) "
               f"{ready[name]['warmup_s']:.1f} s", flush=True)
     times = {name: [] for name, _ in workers}
     for r in range(a.repeats):
@@ -310,7 +314,7 @@ def train_bench(a):
     rows = []
     for name, t in times.items():
         med = statistics.median(t)
-        rows.append({"kind": name, "ms_per_step": round(med * 1e3, 1), "min_ms": round(min(t) * 1e3, 1),
+        rows.append({"kind": name, "dtype": ready[name]["dtype"], "ms_per_step": round(med * 1e3, 1), "min_ms": round(min(t) * 1e3, 1),
                      "max_ms": round(max(t) * 1e3, 1), "img_per_s": round(batch / med, 1),
                      "gflop_per_s": round(flops / med / 1e9, 1), "warmup_s": round(ready[name]["warmup_s"], 1),
                      "steps_timed": len(t)})

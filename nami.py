@@ -816,6 +816,11 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, rope, mask):
     """Joint attention over [text; image] tokens. q,k,v: (B,H,N,Dh); rope: the (cos, sin)
     tables for all N tokens; mask: (B,N) bool or None (fixed-length text needs none)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # bf16 training on CPU: its matrix products run 2x fp32's, but the CPU flash kernel's bf16
+        # backward runs ~3x slower than its fp32 one (tiny, EXPERIMENTS 10), so attention stays fp32
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), rope, mask)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     m = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)

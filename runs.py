@@ -93,6 +93,16 @@ def check_device(name):
 # config.json
 
 
+def train_dtype(device):
+    """Default training precision: bf16 autocast on GPUs and on CPUs with bf16 dot-product
+    instructions (AVX512-BF16, AMX), where its matrix products run 2x fp32's (EXPERIMENTS 10);
+    fp32 on other CPUs, which emulate bf16 and run it slower."""
+    if str(device).startswith("cuda"):
+        return "bf16"
+    native = str(device) == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bf16" if native else "fp32"
+
+
 def check_field(name, value, where):
     """One Config field as saved or typed: the default's type, finite, positive (double may be
     0). A damaged or hand-edited value fails here, naming the field, not deep inside the model."""

@@ -284,7 +284,8 @@ def parser():
     p.add_argument("--stop-at", type=int, help="stop (and save) at this step, to be resumed later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights (default: bf16 on GPUs and "
+                   "on CPUs with bf16 instructions, else fp32)")
     p.add_argument("--dry-run", action="store_true", help="report parameters, FLOPs and memory, then exit")
     p.add_argument("--ranks", type=int, help="with --dry-run: ranks to estimate memory for")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (torchrun), bf16 mixed precision")
@@ -347,8 +348,8 @@ def settle_args(a, given):
     a.start_share = a.start_share or 0.0                  # (runs saved before the flag existed trained with 0)
     if a.head_start_data and "head_start_data" not in given and is_shapes(a.head_start_data) != is_shapes(a.data):
         a.head_start_data = None                          # the preset's is for the shapes world: use --data
-    if a.dtype is None:                                   # CPUs without bf16 matrix units run bf16 slower
-        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
+    if a.dtype is None:
+        a.dtype = runs.train_dtype(a.device)
     if "steps" in given and "minutes" not in given:       # an explicit step count beats a time budget,
         a.minutes = None                                  # the preset's or a resumed run's used-up one
     return a, meta

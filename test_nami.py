@@ -454,6 +454,22 @@ def test_padding_tokens_do_not_change_the_output():
     assert not torch.allclose(m(x, sg, t, stage=2), m(x, sg, unmasked, stage=2), atol=1e-3)
 
 
+def test_attention_under_cpu_autocast_is_fp32_math():
+    # bf16 training on CPU keeps attention in fp32 (the flash kernel's bf16 backward is slow
+    # there): softmax(q k^T / sqrt(Dh)) v of the rotated bf16 inputs, in float64, to fp32 precision
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 8).bfloat16() for _ in range(3))
+    ang = torch.rand(7, 4) * 3
+    with torch.autocast("cpu", torch.bfloat16):
+        out = nami.attention(q, k, v, (ang.cos(), ang.sin()), None)          # (B, N, H*Dh)
+
+    def rotate(x):                                        # pairs (x_2j, x_2j+1) by angle ang_j
+        x, c, s = x.double(), ang.cos().double(), ang.sin().double()
+        return torch.stack([x[..., 0::2] * c - x[..., 1::2] * s, x[..., 0::2] * s + x[..., 1::2] * c], -1).flatten(-2)
+    ref = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / 8 ** 0.5, -1) @ v.double()
+    assert out.dtype == torch.float32 and (out - ref.transpose(1, 2).flatten(2)).abs().max() < 1e-5
+
+
 def test_unmasked_attention_is_the_masked_one_when_nothing_is_masked():
     # the hot paths call SDPA without a mask (fixed-length text); a mask of all-True must change nothing
     m, t = tiny_model(), text(2, T=5)

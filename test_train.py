@@ -275,6 +275,17 @@ def test_dry_run_reports_2b(capsys):
     assert "0.0 GFLOP" not in capsys.readouterr().out
 
 
+def test_default_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
+    # bf16 autocast on GPUs and on CPUs with bf16 dot products (AVX512-BF16 or AMX); fp32 on
+    # CPUs that would emulate it, and train.py takes that default unless --dtype says otherwise
+    assert runs.train_dtype("cuda") == runs.train_dtype("cuda:1") == "bf16" and runs.train_dtype("mps") == "fp32"
+    for avx512_bf16, amx, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        settled = lambda *flags: train.settle_args(*train.parse_args(["--device", "cpu", *flags]))[0].dtype
+        assert runs.train_dtype("cpu") == settled() == want and settled("--dtype", "fp32") == "fp32"
+
+
 def test_learning_rate_and_phase_schedule(trained, tmp_path):
     # warmup: linear from base/warmup; the paper's recipe: x1 until 80% of the run, then x0.5
     lr = lambda step, p, phases="paper": train.learning_rate(1e-3, step, p, 100, phases)

@@ -206,9 +206,10 @@ def flops_str(f):
 
 
 # What a training step achieves, for the dry run's time estimates: measured with bench.py
-# --train (tiny, compiled, 2 CPU cores, 2026-12-01: 73-77 GFLOP/s), and 40% of the bf16 matrix
-# rate of one H100/H200 (790 TFLOP/s measured on an H200) for the latent presets: an assumption.
-RATES = {"cpu": (75e9, "this project's 2-core CPU, compiled (bench.py --train)"),
+# --train (tiny, compiled, bf16 products, 2 CPU cores, 2026-12-05: 93-104 GFLOP/s), and 40% of
+# the bf16 matrix rate of one H100/H200 (790 TFLOP/s measured on an H200) for the latent
+# presets: an assumption.
+RATES = {"cpu": (95e9, "this project's 2-core CPU, compiled, bf16 (bench.py --train)"),
          "gpu": (0.4 * 790e12, "one H100/H200 at 40% of 790 TFLOP/s bf16 (assumed)")}
 
 

@@ -295,8 +295,8 @@ def train_bench(a):
         if not line:
             raise RuntimeError(f"the training worker for {name} failed to start")
         ready[name] = json.loads(line)
-        print(f"{name} ({ready[name]['dtype']}): ready, first 3 steps (warm-up{', compile' if 'compiled' in name else ''}) "
-              f"{ready[name]['warmup_s']:.1f} s", flush=True)
+        print(f"{name} ({ready[name]['dtype']}): ready, first 3 steps (warm-up"
+              f"{', compile' if 'compiled' in name else ''}) {ready[name]['warmup_s']:.1f} s", flush=True)
     times = {name: [] for name, _ in workers}
     for r in range(a.repeats):
         for name, proc in workers:                        # alternate: machine drift hits all alike
@@ -314,8 +314,8 @@ def train_bench(a):
     rows = []
     for name, t in times.items():
         med = statistics.median(t)
-        rows.append({"kind": name, "dtype": ready[name]["dtype"], "ms_per_step": round(med * 1e3, 1), "min_ms": round(min(t) * 1e3, 1),
-                     "max_ms": round(max(t) * 1e3, 1), "img_per_s": round(batch / med, 1),
+        rows.append({"kind": name, "dtype": ready[name]["dtype"], "ms_per_step": round(med * 1e3, 1),
+                     "min_ms": round(min(t) * 1e3, 1), "max_ms": round(max(t) * 1e3, 1), "img_per_s": round(batch / med, 1),
                      "gflop_per_s": round(flops / med / 1e9, 1), "warmup_s": round(ready[name]["warmup_s"], 1),
                      "steps_timed": len(t)})
     base = rows[2]["img_per_s"] if a.against else rows[0]["img_per_s"]     # x: against the other's eager step

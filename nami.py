@@ -217,24 +217,25 @@ PHASES = {
     "tiny": [(0.70, (4, 8, 1), 1.0), (1.00, (4, 8, 1), (1.0, 0.0))],
 }
 # Defaults of `python train.py --preset P` (flags override). --dtype defaults to bf16 autocast
-# on GPUs and on CPUs with bf16 instructions (runs.train_dtype), fp32 elsewhere. tiny's 3,300 steps: the same model for everyone. The first 22% (733 steps) are
-# a head start, stage 1 alone at pure noise on position captions: the joint loss almost never
-# trains window 1's very start, where a sample's layout is chosen, and without it relations
-# stay at chance (EXPERIMENTS.md 7(e)-(g)). After it, start_share 0.1 of the samples train at
-# their window's start too: logit-normal times put 1.4% of them in the top tenth of a window,
-# where each window's first sampler step starts (overall 0.491 against 0.473, position 0.43
-# against 0.39, 4 training seeds x 3 evals; EXPERIMENTS.md 7(h)). The joint steps draw the
-# caption forms single : counting : two objects : position at 1:2:2:2, not uniformly: single
-# objects are learnt early (0.91) and the multi-object forms lag (0.33-0.43), so they get the
-# samples (overall 0.547 over 7 runs x 3 evals, against 0.491 over 4 x 3; EXPERIMENTS.md 0,
-# 7(i)). Sampling them with guidance 4 instead of 3 raises overall at 6 of those 7 runs (0.557
-# against 0.547; EXPERIMENTS.md 6). 3,300 steps, not 2,700: at 2,700 one run in seven fell in a
-# weak mode (overall 0.497); at 3,300 the worst of eight scored 0.538, and the same seven runs
-# 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.3 min more. 13.4 min on 2 quiet CPU cores
-# (bf16) from an empty inductor cache, ~1.8 min of it compiling. Its batch 192: at its 4:8:1 mix most
-# samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192
-# trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step
-# memory instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
+# on GPUs and on CPUs with bf16 instructions (runs.train_dtype), fp32 elsewhere. tiny's 3,300
+# steps: the same model for everyone. The first 22% (733 steps) are a head start, stage 1 alone
+# at pure noise on position captions: the joint loss almost never trains window 1's very start,
+# where a sample's layout is chosen, and without it relations stay at chance (EXPERIMENTS.md
+# 7(e)-(g)). After it, start_share 0.1 of the samples train at their window's start too:
+# logit-normal times put 1.4% of them in the top tenth of a window, where each window's first
+# sampler step starts (overall 0.491 against 0.473, position 0.43 against 0.39, 4 training seeds
+# x 3 evals; EXPERIMENTS.md 7(h)). The joint steps draw the caption forms single : counting :
+# two objects : position at 1:2:2:2, not uniformly: single objects are learnt early (0.91) and
+# the multi-object forms lag (0.33-0.43), so they get the samples (overall 0.547 over 7 runs x 3
+# evals, against 0.491 over 4 x 3; EXPERIMENTS.md 0, 7(i)). Sampling them with guidance 4
+# instead of 3 raises overall at 6 of those 7 runs (0.557 against 0.547; EXPERIMENTS.md 6).
+# 3,300 steps, not 2,700: at 2,700 one run in seven fell in a weak mode (overall 0.497); at
+# 3,300 the worst of eight scored 0.538, and the same seven runs 0.595 against 0.557
+# (EXPERIMENTS.md 0, 7(j)), for ~2.3 min more. 13.4 min on 2 quiet CPU cores (bf16) from an
+# empty inductor cache, ~1.8 min of it compiling. Its batch 192: at its 4:8:1 mix most samples
+# train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains
+# ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
+# instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
 # (EXPERIMENTS.md).
 TRAIN = {
     "tiny": dict(steps=3300, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,

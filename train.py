@@ -572,7 +572,8 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               f"{world} rank(s), batch {a.batch_size}, {a.dtype}{', compiled' if a.compile else ''}"
               + (f", from step {start}" if start else ""))
         print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
-              + ("; the first steps include compiling (~2 min on 2 CPU cores the first time, seconds once cached)" if a.compile else ""))
+              + ("; the first joint step includes compiling (~1.5 min on 2 CPU cores the first time, seconds once cached)"
+                 if a.compile else ""))
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
             lr_at = lambda n: schedule(a, cfg, start, n, start / n, round(a.head_start * n))[2]
             print(f"--steps {a.steps}: the schedule now spans {a.steps} steps, so at step {start} the lr is "
@@ -603,8 +604,12 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
         for group in opt.param_groups:
             group["lr"] = lr
         weights = dynamic_weights(loss_ema) if a.loss_weights == "dynamic" else None
-        stage_sum, stage_n = accumulate_gradients(step_fn, head_batch if head else get_batch, enc, a, step, ratios,
-                                                  weights, cfg.K, rank, world, distributed, 1.0 if head else a.start_share)
+        # the head start runs eager: compiled, its steps would save ~11 s in all on 2 CPU cores but
+        # its graphs take ~28 s to build from an empty cache (EXPERIMENTS 10)
+        with torch.compiler.set_stance("force_eager") if head else contextlib.nullcontext():
+            stage_sum, stage_n = accumulate_gradients(step_fn, head_batch if head else get_batch, enc, a, step,
+                                                      ratios, weights, cfg.K, rank, world, distributed,
+                                                      1.0 if head else a.start_share)
         grad_norm = clip_gradients(model)
         check_finite(stage_sum, grad_norm, step, a, run, saved)
         optimizer_step(model, opt, ema, a.ema, step)
@@ -724,7 +729,13 @@ def accumulate_gradients(step_fn, get_batch, enc, a, step, ratios, weights, K, r
 
 
 def clip_gradients(model):
-    """Clip the gradient norm to 1; returns the norm before clipping."""
+    """Clip the gradient norm to 1; returns the norm before clipping. Parameters nami_loss left
+    without a gradient (stages with no samples) get zeros first, as they would from an empty
+    batch: AdamW then steps them (by 0) and counts the step, so their moments' bias correction
+    at the first real gradient is the same as when every stage ran every step."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 

@@ -470,6 +470,25 @@ def test_attention_under_cpu_autocast_is_fp32_math():
     assert out.dtype == torch.float32 and (out - ref.transpose(1, 2).flatten(2)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("N", [18, 200])
+def test_attention_and_its_gradient_are_softmax_attention(N):
+    # short sequences on CPU take the written-out product, long ones SDPA's flash kernel: both
+    # are softmax(q k^T / sqrt(Dh)) v with RoPE, forward and backward, against float64 autograd
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, N, 8, requires_grad=True) for _ in range(3))
+    ang, g = torch.rand(N, 4) * 3, torch.randn(2, N, 16)
+    grads = torch.autograd.grad((nami.attention(q, k, v, (ang.cos(), ang.sin()), None) * g).sum(), (q, k, v))
+
+    def rotate(x):                                        # pairs (x_2j, x_2j+1) by angle ang_j
+        c, s = ang.cos().double(), ang.sin().double()
+        return torch.stack([x[..., 0::2] * c - x[..., 1::2] * s, x[..., 0::2] * s + x[..., 1::2] * c], -1).flatten(-2)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax(rotate(q64) @ rotate(k64).transpose(-1, -2) / 8 ** 0.5, -1) @ v64
+    refs = torch.autograd.grad((ref.transpose(1, 2).flatten(2) * g.double()).sum(), (q64, k64, v64))
+    for a, b in zip(grads, refs):
+        assert (a - b).abs().max() < 1e-5
+
+
 def test_unmasked_attention_is_the_masked_one_when_nothing_is_masked():
     # the hot paths call SDPA without a mask (fixed-length text); a mask of all-True must change nothing
     m, t = tiny_model(), text(2, T=5)

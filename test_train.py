@@ -354,6 +354,36 @@ def test_head_start_trains_stage_1_alone_on_its_own_data_then_the_phases(tmp_pat
         train.main(MINI + ["--out", str(tmp_path), "--steps", "3", "--start-share", "1.5"])
 
 
+def test_head_start_skips_the_empty_stages_but_adamw_steps_them():
+    # one process skips a stage the ratios give no samples (no graph to build, no empty
+    # batches); train.py then gives its parameters zero gradients, so AdamW's moments and step
+    # counts match those of N ranks, which run the empty stage. Without the zeros the stage-3
+    # head's first real step would be bias-corrected as step 1 instead of step 2.
+    torch.manual_seed(0)
+    one = nami.NAMI(nami.preset("tiny", width=32, heads=2))
+    ranks = nami.NAMI(nami.preset("tiny", width=32, heads=2))
+    ranks.load_state_dict(one.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True) for m in (one, ranks)]
+    x, t = torch.randn(8, 3, 32, 32), nami.Text(torch.randn(8, 14, 384), None, torch.randn(8, 384))
+    for ratios in ((1, 0, 0), (4, 8, 1)):
+        g = lambda: torch.Generator().manual_seed(3)
+        nami.nami_loss(one, x, t, ratios, generator=g())[0].backward()
+        if ratios[2] == 0:
+            assert one.heads[2].linear.weight.grad is None and ranks.heads[2].linear.weight.grad is None
+        for r in (0, 1):                                  # two ranks' shards, averaged as DDP does
+            (nami.nami_loss(ranks, x[r::2], t.select(slice(r, None, 2)), ratios, generator=g(), shard=(r, 2))[0] / 2).backward()
+        assert ranks.heads[2].linear.weight.grad is not None   # the empty stage ran
+        for m, opt in zip((one, ranks), opts):
+            train.clip_gradients(m)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(one.parameters(), ranks.parameters()):
+        a, b = opts[0].state[p], opts[1].state[q]
+        assert a["step"] == b["step"] == 2
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=1e-4, atol=1e-9)
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+
+
 def test_baseline_and_piecewise_runs_finish(tmp_path):
     # the K = 1 baseline samples its end-of-run grid with the SUM of --sample-steps (one window)
     run = train.main(MINI + ["--out", str(tmp_path), "--name", "base", "--steps", "2", "--variant", "baseline"])

@@ -229,10 +229,11 @@ PHASES = {
 # the multi-object forms lag (0.33-0.43), so they get the samples (overall 0.547 over 7 runs x 3
 # evals, against 0.491 over 4 x 3; EXPERIMENTS.md 0, 7(i)). Sampling them with guidance 4
 # instead of 3 raises overall at 6 of those 7 runs (0.557 against 0.547; EXPERIMENTS.md 6).
-# 3,300 steps, not 2,700: at 2,700 one run in seven fell in a weak mode (overall 0.497); at
-# 3,300 the worst of eight scored 0.538, and the same seven runs 0.595 against 0.557
-# (EXPERIMENTS.md 0, 7(j)), for ~2.3 min more. 13.4 min on 2 quiet CPU cores (bf16) from an
-# empty inductor cache, ~1.8 min of it compiling. Its batch 192: at its 4:8:1 mix most samples
+# 3,300 steps, not 2,700: at 2,700 one run in seven fell in a weak mode (overall 0.497), and
+# so did the first with the eighth session's faster step (0.474); at 3,300 the worst of eight
+# scored 0.538, and the same seven runs 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.3
+# min more. 13.0 min on 2 CPU cores (bf16) from an empty inductor cache, 1.5 min of it compiling
+# the joint step (the head start runs eager, train.py). Its batch 192: at its 4:8:1 mix most samples
 # train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192 trains
 # ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
 # instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
@@ -827,10 +828,11 @@ def attention(q, k, v, rope, mask):
         with torch.autocast("cpu", enabled=False):
             return attention(q.float(), k.float(), v.float(), rope, mask)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if q.device.type == "cpu" and mask is None and q.shape[2] <= 128:
-        # the CPU flash kernel's tiling is built for long sequences: at tiny's 18-78 tokens the
-        # plain product is x1.11 the whole training step (EXPERIMENTS 10). Written out, not as
-        # softmax(), so inductor does not pattern-match it back into the flash kernel
+    if q.device.type == "cpu" and mask is None and q.shape[2] <= 128 and torch.is_grad_enabled():
+        # training on CPU: the flash kernel's backward is built for long sequences; at tiny's
+        # 18-78 tokens the plain product makes the whole step x1.11 (EXPERIMENTS 10). Sampling
+        # keeps the kernel, faster at its small batches. Written out, not as softmax(), so
+        # inductor does not pattern-match it back into the flash kernel
         s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5                 # (B, H, N, N)
         e = (s - s.amax(-1, keepdim=True).detach()).exp()   # the shift cancels: no gradient
         out = (e / e.sum(-1, keepdim=True)) @ v

@@ -369,7 +369,7 @@ def test_head_start_skips_the_empty_stages_but_adamw_steps_them():
         g = lambda: torch.Generator().manual_seed(3)
         nami.nami_loss(one, x, t, ratios, generator=g())[0].backward()
         if ratios[2] == 0:
-            assert one.heads[2].linear.weight.grad is None and ranks.heads[2].linear.weight.grad is None
+            assert one.heads[2].linear.weight.grad is None     # stage 3 skipped
         for r in (0, 1):                                  # two ranks' shards, averaged as DDP does
             (nami.nami_loss(ranks, x[r::2], t.select(slice(r, None, 2)), ratios, generator=g(), shard=(r, 2))[0] / 2).backward()
         assert ranks.heads[2].linear.weight.grad is not None   # the empty stage ran

@@ -235,9 +235,9 @@ PHASES = {
 # min more. 13.0 min on 2 CPU cores (bf16) from an empty inductor cache, 1.5 min of it
 # compiling the joint step (the head start runs eager, train.py). Its batch 192: at its 4:8:1
 # mix most samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator
-# overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory
-# instead of ~100) is what lets it take lr 5e-3; either change alone gained nothing
-# (EXPERIMENTS.md).
+# overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's
+# 0.95 (a ~20-step memory instead of ~100) is what lets it take lr 5e-3; either change alone
+# gained nothing (EXPERIMENTS.md).
 TRAIN = {
     "tiny": dict(steps=3300, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
                  cfg=4.0, sample_steps="10,10,10", phases="tiny", compile=True,

@@ -232,12 +232,12 @@ PHASES = {
 # 3,300 steps, not 2,700: at 2,700 one run in seven fell in a weak mode (overall 0.497), and
 # so did the first with the eighth session's faster step (0.474); at 3,300 the worst of eight
 # scored 0.538, and the same seven runs 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.3
-# min more. 13.0 min on 2 CPU cores (bf16) from an empty inductor cache, 1.5 min of it
-# compiling the joint step (the head start runs eager, train.py). Its batch 192: at its 4:8:1
-# mix most samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator
-# overhead; 192 trains ~1.6x the images/s of 64. beta2 is AdamW's second-moment decay: tiny's
-# 0.95 (a ~20-step memory instead of ~100) is what lets it take lr 5e-3; either change alone
-# gained nothing (EXPERIMENTS.md).
+# min more. 13.0-13.8 min on 2 CPU cores (bf16; an AMD EPYC, an Intel Xeon) from an empty
+# inductor cache, 1.5-2.3 min of it compiling the joint step (the head start runs eager,
+# train.py). Its batch 192: at its 4:8:1 mix most samples train the cheap 8/16 px stages,
+# where a CPU step is mostly per-operator overhead; 192 trains ~1.6x the images/s of 64.
+# beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100) is
+# what lets it take lr 5e-3; either change alone gained nothing (EXPERIMENTS.md).
 TRAIN = {
     "tiny": dict(steps=3300, minutes=None, batch_size=192, lr=5e-3, beta2=0.95, warmup=100, ema=0.995,
                  cfg=4.0, sample_steps="10,10,10", phases="tiny", compile=True,

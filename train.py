@@ -572,7 +572,7 @@ def training(a, given, cfg, meta, run, rank, world, distributed, init=None):
               f"{world} rank(s), batch {a.batch_size}, {a.dtype}{', compiled' if a.compile else ''}"
               + (f", from step {start}" if start else ""))
         print(f"the bar's L1..L{cfg.K}: each stage's smoothed loss (log.jsonl 'stage_loss'; loss.png at the end)"
-              + ("; the first joint step includes compiling (~1.5 min on 2 CPU cores the first time, seconds once cached)"
+              + ("; the first joint step includes compiling (~1.5-2.5 min on 2 CPU cores the first time, seconds once cached)"
                  if a.compile else ""))
         if old_steps and a.steps and old_steps != a.steps and not a.minutes:
             lr_at = lambda n: schedule(a, cfg, start, n, start / n, round(a.head_start * n))[2]

@@ -232,7 +232,7 @@ PHASES = {
 # 3,300 steps, not 2,700: at 2,700 one run in seven fell in a weak mode (overall 0.497), and
 # so did the first with the eighth session's faster step (0.474); at 3,300 the worst of eight
 # scored 0.538, and the same seven runs 0.595 against 0.557 (EXPERIMENTS.md 0, 7(j)), for ~2.3
-# min more. Nor 3,000: one seed in four scored 0.483 there. 10.7-13.8 min on 2 CPU cores
+# min more. Nor 3,000: one seed in four scored 0.483 there. 8.5-13.8 min on 2 CPU cores
 # (bf16; an AMD EPYC, an Intel Xeon) from an empty inductor cache, 1.5-2.7 min of it compiling
 # the joint step (the head start runs eager, train.py). Its batch 192: at its 4:8:1 mix most
 # samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192

@@ -235,8 +235,9 @@ PHASES = {
 # min more. Nor 3,000: one seed in four scored 0.483 there. 8.5-13.8 min on 2 CPU cores
 # (bf16; an AMD EPYC, an Intel Xeon) from an empty inductor cache, 1.5-2.7 min of it compiling
 # the joint step (the head start runs eager, train.py). Its batch 192: at its 4:8:1 mix most
-# samples train the cheap 8/16 px stages, where a CPU step is mostly per-operator overhead; 192
-# trains ~1.6x the images/s of 64.
+# samples train the cheap 8/16 px stages, where a small batch leaves a CPU step mostly
+# per-operator overhead; 192 trains ~1.6x the images/s of 64 (at 192, packing the stages into
+# one pass over the blocks gains nothing: the cost is per token, EXPERIMENTS 10).
 # beta2 is AdamW's second-moment decay: tiny's 0.95 (a ~20-step memory instead of ~100) is
 # what lets it take lr 5e-3; either change alone gained nothing (EXPERIMENTS.md).
 TRAIN = {

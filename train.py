@@ -17,13 +17,23 @@ one train.py at a time holds it. Ctrl-C or SIGTERM (schedulers, docker stop) fin
 saves and prints how to resume; a non-finite loss or gradient stops the run before it touches
 the weights, keeping the last checkpoint.
 """
+import os
+
+# Before torch loads libgomp, which reads it once. Its default lets a CPU thread that waits
+# at the end of a parallel region sleep after a short spin; on a shared machine another
+# process then takes the core, and every region waits for the thread to get it back. A
+# spinning thread keeps its share: beside a CPU hog the compiled step ran 15-18% faster, the
+# same when the machine is quiet, the same bits (EXPERIMENTS 10). Not under torchrun, whose
+# ranks share the cores; set OMP_WAIT_POLICY=PASSIVE to run two trainings on the same cores.
+if "LOCAL_RANK" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
 import argparse
 import contextlib
 import dataclasses
 import glob
 import json
 import math
-import os
 import re
 import signal
 import time

@@ -655,12 +655,12 @@ def test_a_user_error_is_one_line_not_a_traceback(tmp_path):
     assert out.returncode == 1 and out.stderr.strip() == "error: --batch-size 0: give at least 1", out.stderr
 
 
-@pytest.mark.parametrize("env, policy", [({}, "ACTIVE"), ({"OMP_WAIT_POLICY": "passive"}, "PASSIVE"),
-                                         ({"LOCAL_RANK": "0"}, "PASSIVE")])
-def test_openmp_threads_spin_unless_told_or_under_torchrun(env, policy):
-    # libgomp reports the policy it read when torch loaded it (its default prints as PASSIVE),
-    # so this fails if train.py sets it after importing torch
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "LOCAL_RANK")}
+@pytest.mark.parametrize("env, spin", [({}, "30000000"), ({"OMP_WAIT_POLICY": "passive"}, "0"),
+                                       ({"GOMP_SPINCOUNT": "1000"}, "1000"), ({"LOCAL_RANK": "0"}, "300000")])
+def test_openmp_threads_spin_a_while_unless_told_or_under_torchrun(env, spin):
+    # libgomp reports the spin count it read when torch loaded it (300000 is its default), so
+    # this fails if train.py sets it after importing torch
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, capture_output=True, text=True, timeout=120,
-                         env={**clean, **env, "OMP_DISPLAY_ENV": "true"})
-    assert f"OMP_WAIT_POLICY = '{policy}'" in out.stderr, out.stderr[-2000:]
+                         env={**clean, **env, "OMP_DISPLAY_ENV": "verbose"})
+    assert f"GOMP_SPINCOUNT = '{spin}'" in out.stderr, out.stderr[-2000:]

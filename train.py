@@ -19,14 +19,15 @@ the weights, keeping the last checkpoint.
 """
 import os
 
-# Before torch loads libgomp, which reads it once. Its default lets a CPU thread that waits
-# at the end of a parallel region sleep after a short spin; on a shared machine another
-# process then takes the core, and every region waits for the thread to get it back. A
-# spinning thread keeps its share: beside a CPU hog the compiled step ran 15-18% faster, the
-# same when the machine is quiet, the same bits (EXPERIMENTS 10). Not under torchrun, whose
-# ranks share the cores; set OMP_WAIT_POLICY=PASSIVE to run two trainings on the same cores.
-if "LOCAL_RANK" not in os.environ:
-    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+# Before torch loads libgomp, which reads it once. By default a thread that waits at the end of
+# a parallel region sleeps after ~3 ms of spinning; on a shared machine another process then
+# takes its core, and each of the step's thousands of short regions waits for it to come back.
+# Spinning up to ~0.4 s keeps the core through a step's gaps and still gives it up while
+# inductor compiles (spinning without end, OMP_WAIT_POLICY=ACTIVE, slowed that by ~20 s). Beside
+# a CPU hog the compiled step ran x0.8, quiet the same, the same bits (EXPERIMENTS 10). Not under
+# torchrun, whose ranks share the cores, nor over the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+if not {"LOCAL_RANK", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["GOMP_SPINCOUNT"] = "30000000"
 
 import argparse
 import contextlib

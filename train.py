@@ -24,7 +24,7 @@ import os
 # takes its core, and each of the step's thousands of short regions waits for it to come back.
 # Spinning up to ~0.4 s keeps the core through a step's gaps and still gives it up while
 # inductor compiles (spinning without end, OMP_WAIT_POLICY=ACTIVE, slowed that by ~20 s). Beside
-# a CPU hog the compiled step ran x0.8, quiet the same, the same bits (EXPERIMENTS 10). Not under
+# a CPU hog the compiled step ran x0.85, quiet the same, the same bits (EXPERIMENTS 10). Not under
 # torchrun, whose ranks share the cores, nor over the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT.
 if not {"LOCAL_RANK", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
     os.environ["GOMP_SPINCOUNT"] = "30000000"
